@@ -1,0 +1,28 @@
+"""The package's own exceptions.
+
+Every error a user can cause names the file, key or value at fault and says
+what is allowed.  They derive from the builtin that fits (``ValueError`` for a
+bad value, ``OSError`` for files) so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class PyStack3DError(Exception):
+    """Base class of every error raised on purpose by pystack3d-dask."""
+
+
+class ConfigError(PyStack3DError, ValueError):
+    """A parameter file or API argument is invalid (unknown key, bad type or value)."""
+
+
+class InputError(PyStack3DError, ValueError):
+    """The input images are unusable (missing, corrupt, inconsistent shapes or dtypes)."""
+
+
+class StoreError(PyStack3DError, OSError):
+    """The project store cannot be written, is locked by another run, or is inconsistent."""
+
+
+class StepError(PyStack3DError, ValueError):
+    """A step cannot run on this data (e.g. a threshold leaves no pixel in a slice)."""

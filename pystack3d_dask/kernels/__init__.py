@@ -1,0 +1,4 @@
+"""Pure array kernels: numpy in, numpy out (``xp``-generic where noted).
+
+Nothing here knows about dask, files or stores.
+"""

@@ -1,0 +1,49 @@
+"""Casting results back to the stack's dtype, and per-slice statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def clip_cast(block: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
+    """Return ``block`` in ``dtype``: clipped to its range, rounded for integers.
+
+    NaN (pixels coming from outside the image in registration with
+    ``mode='constant'``) becomes 0 for integer dtypes and stays NaN for floats.
+    Rounding, not truncation, so that a step that changes nothing returns the
+    input exactly.
+    """
+    dtype = np.dtype(dtype)
+    if block.dtype == dtype:
+        return block
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        out = np.nan_to_num(block.astype(np.float64, copy=False), nan=0.0) if block.dtype.kind == "f" else block
+        return np.clip(np.rint(out) if out.dtype.kind == "f" else out, info.min, info.max).astype(dtype)
+    if dtype.kind == "f":
+        info = np.finfo(dtype)
+        return np.clip(block, info.min, info.max).astype(dtype)
+    raise TypeError(f"unsupported output dtype {dtype}")
+
+
+def slice_stats(block: np.ndarray) -> np.ndarray:
+    """Per-slice ``(min, max, mean)`` of a ``(z, y, x)`` block, ignoring NaN, as float64 ``(z, 3)``.
+
+    A slice that is entirely NaN gives NaN statistics.
+    """
+    flat = block.reshape(block.shape[0], -1)
+    out = np.full((block.shape[0], 3), np.nan)
+    if flat.shape[1] == 0:
+        return out
+    if flat.dtype.kind == "f":
+        finite = ~np.all(np.isnan(flat), axis=1)
+        if finite.any():
+            sub = flat[finite]
+            out[finite, 0] = np.nanmin(sub, axis=1)
+            out[finite, 1] = np.nanmax(sub, axis=1)
+            out[finite, 2] = np.nanmean(sub, axis=1, dtype=np.float64)
+        return out
+    out[:, 0] = flat.min(axis=1)
+    out[:, 1] = flat.max(axis=1)
+    out[:, 2] = flat.mean(axis=1, dtype=np.float64)
+    return out

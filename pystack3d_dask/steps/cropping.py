@@ -1,0 +1,53 @@
+"""cropping / cropping_final: keep a rectangular area of every slice.
+
+``area = [xmin, xmax, ymin, ymax]`` with PyStack3D's bottom-left origin (see
+:mod:`pystack3d_dask.kernels.crop`).  Pure slicing of the lazy stack: chunks
+stay whole slices and nothing is computed until the result is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import dask.array as da
+
+from pystack3d_dask.kernels.crop import area_slices
+from pystack3d_dask.steps.base import State, Step, StepContext, run_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    #: [xmin, xmax, ymin, ymax] in pixels, origin at the bottom-left corner
+    area: tuple[int, int, int, int]
+
+
+def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da.Array:
+    rows, cols = area_slices(params.area, stack.shape[1:], key="[cropping] area")
+    return stack[:, rows, cols]
+
+
+STEP = Step(name="cropping", Params=Params, apply=apply)
+
+
+def crop(stack, area: tuple[int, int, int, int]) -> da.Array:
+    """Crop every slice of ``stack`` to ``area`` (bottom-left origin); lazy.
+
+    Parameters
+    ----------
+    stack : array-like, shape (z, y, x)
+        numpy, dask or Zarr array.
+    area : (xmin, xmax, ymin, ymax)
+        In pixels; clipped to the image (99999 means "to the edge").
+
+    Returns
+    -------
+    dask.array.Array
+        The cropped stack, chunked by whole slices.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> crop(np.zeros((3, 10, 20)), (5, 15, 0, 4)).shape
+    (3, 4, 10)
+    """
+    return run_step(STEP, stack, area=area)[0]
