@@ -25,7 +25,7 @@ the full ``(y, x)`` extent.  Nothing here knows about files or clusters.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import dask.array as da
@@ -51,6 +51,9 @@ class StepContext:
     distributed: bool = False
     #: index of the input's first slice in the original numbering (for messages)
     first_index: int = 0
+    #: states of the steps run before this one, by step name (e.g. the matrices
+    #: of ``registration_calculation`` for ``registration_transformation``)
+    previous: Mapping[str, State] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,12 +117,15 @@ def run_step(
     channel: str = ".",
     nproc: int = 1,
     state: State | None = None,
+    previous: Mapping[str, State] | None = None,
     cast: bool = True,
     **params: Any,
 ) -> tuple[da.Array, State]:
     """Run ``step`` on any array, outside a project: the public array-level API.
 
     The global state is computed now (unless given); the result is lazy.
+    ``previous`` gives the states of earlier steps a step depends on (e.g.
+    ``{"registration_calculation": state}`` for ``registration_transformation``).
 
     Returns
     -------
@@ -130,7 +136,12 @@ def run_step(
     """
     x = as_stack(stack)
     p = step.params(params)
-    ctx = StepContext(channel=channel, zpos=None if zpos is None else np.asarray(zpos, float), nproc=nproc)
+    ctx = StepContext(
+        channel=channel,
+        zpos=None if zpos is None else np.asarray(zpos, float),
+        nproc=nproc,
+        previous=dict(previous or {}),
+    )
     if state is None:
         state = step.state(x, p, ctx)
     out = step.apply(x, p, state, ctx)
