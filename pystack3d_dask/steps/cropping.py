@@ -21,8 +21,10 @@ class Params:
     area: tuple[int, int, int, int]
 
 
-def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da.Array:
+def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da.Array | None:
     rows, cols = area_slices(params.area, stack.shape[1:], key="[cropping] area")
+    if (rows.stop - rows.start, cols.stop - cols.start) == stack.shape[1:]:
+        return None  # the whole image: no copy (PyStack3D's default [0, 99999, 0, 99999])
     return stack[:, rows, cols]
 
 

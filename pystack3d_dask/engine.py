@@ -1,0 +1,406 @@
+"""The workflow: ingest once, then run ``process_steps`` in order, resumable chunk by chunk.
+
+For each step and channel the engine takes the previous step's stored result
+as a lazy array, gets the step's global state (computed once, or loaded from
+the store), builds the step's lazy graph and writes it with one task per Zarr
+chunk (:func:`pystack3d_dask.store.write_block`: data, then per-slice
+statistics and a done flag, so every step reads its input once).
+
+Resume and change detection rest on one *chain hash* per step: a digest of
+the input files, the chunking and the parameters of this step and of every
+step before it.  A complete step whose hash matches is skipped; a step whose
+hash changed is recomputed with every step after it; a step with the same hash
+but missing chunks (a killed run) computes only those chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from pystack3d_dask.cluster import ClusterConfig, scheduler
+from pystack3d_dask.config import build_params, params_hash
+from pystack3d_dask.errors import ConfigError, StoreError
+from pystack3d_dask.io.tiff import ChannelSource, discover, read_slices
+from pystack3d_dask.progress import execute
+from pystack3d_dask.project_config import ProjectConfig, load_config
+from pystack3d_dask.steps import get_step
+from pystack3d_dask.steps.base import StepContext, default_chunk_slices
+from pystack3d_dask.store import (INPUT, STATS_COLUMNS, STORE_NAME, ProjectStore, channel_key, check_writable,
+                                  project_lock, write_block)
+
+log = logging.getLogger("pystack3d_dask")
+
+#: default size of a chunk of whole slices
+CHUNK_MIB = 32.0
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class RunReport:
+    """What a run did, step by step (also printed by the CLI)."""
+
+    done: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    messages: list[str] = dataclasses.field(default_factory=list)
+
+
+class Project:
+    """A PyStack3D project: a parameter file, its input TIFFs and a Zarr store of the results.
+
+    Parameters
+    ----------
+    params : path or mapping
+        The ``params.toml`` file, the folder holding it, or an already-parsed table.
+    output_dir : path, optional
+        Where the store goes (default: the project folder).
+    chunk_mib : float
+        Target size of a chunk of whole slices.
+    chunk_slices : int, optional
+        Slices per chunk, overriding ``chunk_mib``.
+    cluster : ClusterConfig, mapping or str, optional
+        Overrides the ``[cluster]`` table: ``"threads"``, ``"local"``, a scheduler
+        address, a mapping of ``[cluster]`` keys or a :class:`ClusterConfig`.
+    quiet : bool
+        No progress bars.
+
+    Examples
+    --------
+    >>> project = Project("my_stack/params.toml")        # doctest: +SKIP
+    >>> project.run()                                    # doctest: +SKIP
+    >>> project.result("bkg_removal", "SE2")             # doctest: +SKIP
+    dask.array<...>
+    """
+
+    def __init__(
+        self,
+        params: str | os.PathLike | Mapping[str, Any],
+        *,
+        output_dir: str | os.PathLike | None = None,
+        chunk_mib: float = CHUNK_MIB,
+        chunk_slices: int | None = None,
+        cluster: ClusterConfig | Mapping | str | None = None,
+        quiet: bool = False,
+    ):
+        self.config: ProjectConfig = load_config(params)
+        self.output_dir = Path(output_dir) if output_dir is not None else self.config.project_dir
+        self.store_path = self.output_dir / STORE_NAME
+        if chunk_slices is not None and chunk_slices < 1:
+            raise ConfigError(f"chunk_slices = {chunk_slices!r} is invalid: expected an integer >= 1.")
+        self.chunk_mib = chunk_mib
+        self.chunk_slices = chunk_slices
+        self.cluster = _cluster_config(cluster) if cluster is not None else self.config.cluster
+        self.quiet = quiet
+
+    # -- public API --------------------------------------------------------------------------------
+    def run(self, steps: Sequence[str] | None = None, *, force: Iterable[str] = ()) -> RunReport:
+        """Ingest if needed and run the steps (all of ``process_steps`` by default).
+
+        Parameters
+        ----------
+        steps : sequence of str, optional
+            Run only up to the last of these steps (earlier ones run if needed).
+        force : iterable of str
+            Steps to recompute even if complete (with every step after them).
+        """
+        cfg = self.config
+        todo = list(cfg.steps_to_run)
+        for name in list(steps or []) + list(force):
+            if name not in todo:
+                raise ConfigError(f"step {name!r} is not among the steps to run: {todo}.")
+        if steps:
+            todo = todo[: max(todo.index(s) for s in steps) + 1]
+        force = set(force)
+        sources = discover(cfg.project_dir, cfg.channels, ind_min=cfg.ind_min, ind_max=cfg.ind_max)
+        zpos = self._zpos(sources[0])
+        check_writable(self.output_dir)
+        report = RunReport()
+        with project_lock(self.output_dir):
+            new_store = not self.store_path.exists()
+            try:
+                store = ProjectStore(self.store_path)
+                with scheduler(self.cluster, nproc=cfg.nproc) as distributed:
+                    self._ingest(store, sources, zpos, report, distributed)
+                    self._run_steps(store, todo, force, report, distributed)
+            except BaseException:
+                if new_store and not (self.store_path / INPUT / "zarr.json").exists():
+                    shutil.rmtree(self.store_path, ignore_errors=True)  # nothing worth keeping
+                raise
+        return report
+
+    def result(self, step: str = INPUT, channel: str | None = None) -> da.Array:
+        """The stored result of ``step`` (``"input"`` for the ingested stack) as a lazy array."""
+        store = self._open_store()
+        info = store.info(step)
+        if info is None or not info.get("complete"):
+            raise StoreError(f"step {step!r} has no complete result in {self.store_path}.")
+        node = store.node(step, channel or self.config.channels[0])
+        arr = store.array(node)
+        return da.from_zarr(arr, chunks=arr.chunks)
+
+    def zpos(self, step: str = INPUT) -> np.ndarray | None:
+        """z positions of the slices of ``step``'s result, when known."""
+        info = self._open_store().info(step) or {}
+        return None if info.get("zpos") is None else np.asarray(info["zpos"], float)
+
+    def stats(self, step: str, channel: str | None = None) -> dict[str, np.ndarray]:
+        """Per-slice statistics of ``step``: min, max, mean of input, raw result and result.
+
+        Keys ``input_min``, ``input_max``, ``input_mean``, ``raw_min``, ... ``min``, ``max``, ``mean``.
+        """
+        store = self._open_store()
+        channel = channel or self.config.channels[0]
+        info = store.info(step)
+        if info is None or not info.get("complete"):
+            raise StoreError(f"step {step!r} has no complete result in {self.store_path}.")
+        table = store.stats(store.node(step, channel))
+        out = {name: table[:, i] for i, name in enumerate(STATS_COLUMNS[:-1])}
+        if step != INPUT:
+            prev = store.stats(store.node(info["input"], channel))
+            for i, name in enumerate(("min", "max", "mean")):
+                out[f"input_{name}"] = prev[:, 3 + i]
+        return out
+
+    def state(self, step: str, channel: str | None = None) -> dict | None:
+        """The saved global state of ``step`` (coefficients, histograms, matrices...)."""
+        store = self._open_store()
+        return store.load_state(step, _state_key(get_step(step), self.config, channel or self.config.channels[0]))
+
+    def info(self) -> dict[str, Any]:
+        """Summary of the store: per step, completion, shape, chunks, dtype and statistics."""
+        store = self._open_store()
+        out = {"store": str(self.store_path), "channels": list(self.config.channels), "steps": {}}
+        for step in (INPUT,) + self.config.process_steps:
+            info = store.info(step)
+            if info is None:
+                out["steps"][step] = {"status": "not run"}
+                continue
+            entry = {"status": "complete" if info.get("complete") else "partial"}
+            if info.get("alias"):
+                entry["result"] = f"same images as {info['alias']}"
+            try:
+                node = store.node(step, self.config.channels[0])
+                arr = store.array(node)
+                done = store.done_chunks(node)
+                table = store.stats(node)
+                entry.update(shape=arr.shape, chunks=arr.chunks, dtype=str(arr.dtype),
+                             chunks_done=f"{int(done.sum())}/{done.size}",
+                             min=float(np.nanmin(table[:, 3])) if np.isfinite(table[:, 3]).any() else None,
+                             max=float(np.nanmax(table[:, 4])) if np.isfinite(table[:, 4]).any() else None,
+                             mean=float(np.nanmean(table[:, 5])) if np.isfinite(table[:, 5]).any() else None)
+            except KeyError:
+                pass
+            out["steps"][step] = entry
+        return out
+
+    def export(self, step: str, folder: str | os.PathLike, *, channel: str | None = None) -> Path:
+        """Write ``step``'s result as a folder of TIFF slices (z positions in the names)."""
+        from pystack3d_dask.io.export import export_tiff
+
+        return export_tiff(self.result(step, channel), folder, prefix=step, zpos=self.zpos(step))
+
+    # -- internals --------------------------------------------------------------------------------
+    def _open_store(self) -> ProjectStore:
+        if not (self.store_path / "zarr.json").exists():
+            raise StoreError(f"no store at {self.store_path}: run the project first.")
+        return ProjectStore(self.store_path)
+
+    def _zpos(self, source: ChannelSource) -> np.ndarray | None:
+        """z positions from the file names with the resampling ``policy``; required only by resampling."""
+        params = self.config.step_params.get("resampling")
+        policy = getattr(params, "policy", None)
+        if policy is None or source.pages is not None:
+            return None
+        from pystack3d_dask.io.zpos import parse_zpos
+
+        try:
+            return parse_zpos(source.names, policy)
+        except Exception:
+            if "resampling" in self.config.steps_to_run:
+                raise
+            return None
+
+    def _cz(self, shape: tuple[int, ...], dtype: Any) -> int:
+        if self.chunk_slices is not None:
+            return min(self.chunk_slices, shape[0])
+        return default_chunk_slices(shape, dtype, target_mib=self.chunk_mib)
+
+    def _ingest(self, store: ProjectStore, sources: list[ChannelSource], zpos, report: RunReport,
+                distributed: bool) -> None:
+        cfg = self.config
+        src0 = sources[0]
+        shape = (src0.nslices,) + src0.shape
+        cz = self._cz(shape, src0.dtype)
+        chain = _digest([s.fingerprint() for s in sources], cfg.channels, cfg.ind_min, cfg.ind_max, cz)
+        info = store.info(INPUT)
+        if info is not None and info.get("hash") != chain:
+            report.messages.append("the input images, slice range or chunking changed: starting the store afresh")
+            for step in store.steps():
+                store.delete(step)
+            info = None
+        if info is not None and info.get("complete"):
+            report.skipped.append(INPUT)
+            return
+        store.set_meta(channels=list(cfg.channels), project_dir=str(cfg.project_dir))
+        store.set_info(INPUT, hash=chain, complete=False, zpos=None if zpos is None else zpos.tolist(),
+                       names=src0.names, first_index=cfg.ind_min)
+        tasks, total = [], 0
+        for src in sources:
+            node = store.create_result(INPUT, src.channel, shape, cz, src.dtype)
+            done = store.done_chunks(node)
+            for i, start in enumerate(range(0, shape[0], cz)):
+                if done[i]:
+                    continue
+                stop = min(start + cz, shape[0])
+                block = dask.delayed(read_slices)(src, start, stop, dask_key_name=f"read-{src.channel}-{i}")
+                tasks.append(dask.delayed(write_block)(block, str(store.path), node, start,
+                                                       dask_key_name=f"write-input-{src.channel}-{i}"))
+                total += stop - start
+        execute(tasks, total=total, desc="ingest", distributed=distributed, quiet=self.quiet)
+        store.set_info(INPUT, complete=True)
+        report.done.append(INPUT)
+
+    def _run_steps(self, store: ProjectStore, todo: list[str], force: set[str], report: RunReport,
+                   distributed: bool) -> None:
+        cfg = self.config
+        chain = store.info(INPUT)["hash"]
+        prev = INPUT
+        if cfg.history:
+            last = cfg.history[-1]
+            if (store.info(last) or {}).get("complete"):
+                prev = last
+            else:
+                warnings.warn(f"history lists {list(cfg.history)} as done but the store holds no result for "
+                              f"{last!r}: the input images are taken as its result.", stacklevel=3)
+            chain = _digest(chain, "history", cfg.history)
+        forced = False
+        for name in todo:
+            step = get_step(name)
+            params = cfg.step_params[name]
+            chain = _digest(chain, name, params_hash(params))
+            forced = forced or name in force
+            info = store.info(name)
+            if info is not None and (forced or info.get("hash") != chain):
+                why = "forced" if forced else "its parameters or an earlier step changed"
+                report.messages.append(f"{name}: recomputing ({why})")
+                store.delete(name)
+                info = None
+            if info is not None and info.get("complete"):
+                report.skipped.append(name)
+                prev = name
+                continue
+            created = info is None
+            try:
+                self._run_step(store, step, params, prev, chain, distributed)
+            except BaseException as exc:
+                if created and not isinstance(exc, KeyboardInterrupt):
+                    store.delete(name)  # an error leaves the store as it was before the step
+                raise
+            report.done.append(name)
+            prev = name
+
+    def _run_step(self, store: ProjectStore, step, params, prev: str, chain: str, distributed: bool) -> None:
+        cfg = self.config
+        name = step.name
+        prev_info = store.info(prev)
+        zpos_in = None if prev_info.get("zpos") is None else np.asarray(prev_info["zpos"], float)
+        store.set_info(name, hash=chain, complete=False, input=prev, params=_jsonable(params))
+        previous = self._previous_states(store, name)
+        inputs = {ch: self._lazy(store, prev, ch) for ch in cfg.channels}
+        states = {}
+        for ch in _state_order(step, params, cfg):
+            key = _state_key(step, cfg, ch)
+            if key in states:
+                continue
+            state = store.load_state(name, key)
+            if state is None:
+                ctx = self._ctx(ch, zpos_in, distributed, previous.get(ch, {}))
+                state = step.state(inputs[ch], params, ctx)
+                store.save_state(name, key, state)
+            states[key] = state
+        tasks, total, zpos_out, alias = [], 0, zpos_in, None
+        for ch in cfg.channels:
+            state = states[_state_key(step, cfg, ch)]
+            if "zpos" in state:
+                zpos_out = np.asarray(state["zpos"], float)
+            x = inputs[ch]
+            out = step.apply(x, params, state, self._ctx(ch, zpos_in, distributed, previous.get(ch, {})))
+            if out is None:  # images unchanged: the result is the previous step's array
+                alias = (prev_info.get("alias") or prev)
+                continue
+            cz = x.chunks[0][0]
+            out = out.rechunk((cz, -1, -1))
+            node = store.create_result(name, ch, out.shape, cz, x.dtype)
+            done = store.done_chunks(node)
+            blocks = out.to_delayed().ravel()
+            for i, start in enumerate(np.cumsum((0,) + out.chunks[0][:-1])):
+                if not done[i]:
+                    tasks.append(dask.delayed(write_block)(
+                        blocks[i], str(store.path), node, int(start),
+                        dask_key_name=f"write-{name}-{channel_key(ch)}-{i}"))
+                    total += out.chunks[0][i]
+        execute(tasks, total=total, desc=name, distributed=distributed, quiet=self.quiet)
+        store.set_info(name, complete=True, alias=alias,
+                       zpos=None if zpos_out is None else np.asarray(zpos_out).tolist())
+
+    def _previous_states(self, store: ProjectStore, name: str) -> dict[str, dict]:
+        """States of the steps before ``name``, per channel (shared states under every channel)."""
+        out: dict[str, dict] = {ch: {} for ch in self.config.channels}
+        for earlier in self.config.process_steps[: self.config.process_steps.index(name)]:
+            step = get_step(earlier)
+            for ch in self.config.channels:
+                state = store.load_state(earlier, _state_key(step, self.config, ch))
+                if state is not None:
+                    out[ch][earlier] = state
+        return out
+
+    def _ctx(self, channel: str, zpos, distributed: bool, previous: dict) -> StepContext:
+        return StepContext(channel=channel, zpos=zpos, nproc=self.config.nproc, distributed=distributed,
+                           first_index=self.config.ind_min, previous=previous)
+
+    @staticmethod
+    def _lazy(store: ProjectStore, step: str, channel: str) -> da.Array:
+        arr = store.array(store.node(step, channel))
+        return da.from_zarr(arr, chunks=arr.chunks)
+
+
+def _state_order(step, params, cfg: ProjectConfig) -> list[str]:
+    """Channels whose state is computed: the reference channel only for shared states."""
+    if not step.shared_state:
+        return list(cfg.channels)
+    ref = getattr(params, "reference_channel", None) or cfg.channels[0]
+    if ref not in cfg.channels:
+        raise ConfigError(f"[{step.name}] reference_channel = {ref!r} is invalid: expected one of "
+                          f"{list(cfg.channels)}.")
+    return [ref]
+
+
+def _state_key(step, cfg: ProjectConfig, channel: str) -> str:
+    return "_shared" if step.shared_state else channel_key(channel)
+
+
+def _cluster_config(value: ClusterConfig | Mapping | str) -> ClusterConfig:
+    if isinstance(value, ClusterConfig):
+        return value
+    if isinstance(value, str):
+        value = {"type": value} if value in ("threads", "local") else {"type": "address", "address": value}
+    return build_params(ClusterConfig, value, section="cluster")
+
+
+def _jsonable(params: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(params), default=str))

@@ -1,0 +1,1 @@
+"""Files in and out: TIFF discovery and reading, z positions, export."""

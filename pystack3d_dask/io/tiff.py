@@ -1,0 +1,180 @@
+"""TIFF discovery and reading (the only module that opens input images).
+
+Input layout, per channel (a sub-folder of the project folder, ``"."`` for the
+folder itself): either one single-page TIFF per slice, sorted in natural order
+(``s_2`` before ``s_10``), or one multi-page TIFF holding the whole stack.
+Input files are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pystack3d_dask.errors import InputError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+#: dtypes accepted as input (FIB-SEM detectors give uint8 / uint16; processed data float32)
+SUPPORTED_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders embedded integers numerically (``s_2`` before ``s_10``)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelSource:
+    """Where one channel's slices come from, after ``ind_min``/``ind_max`` selection."""
+
+    channel: str
+    #: the single-page files, one per slice, or a one-element tuple for a multi-page file
+    files: tuple[Path, ...]
+    #: page index of each slice in a multi-page file, or None for one file per slice
+    pages: tuple[int, ...] | None
+    shape: tuple[int, int]
+    dtype: np.dtype
+
+    @property
+    def nslices(self) -> int:
+        return len(self.pages) if self.pages is not None else len(self.files)
+
+    @property
+    def names(self) -> list[str]:
+        """A name per slice (file name, or ``file[page]``) for messages and z positions."""
+        if self.pages is None:
+            return [f.name for f in self.files]
+        return [f"{self.files[0].name}[{p}]" for p in self.pages]
+
+    def fingerprint(self) -> list:
+        """What identifies the input: names, sizes and modification times."""
+        return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in self.files] + [self.pages]
+
+
+def _tiff_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise InputError(f"input folder {folder} does not exist.")
+    files = [p for p in folder.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and p.is_file()]
+    if not files:
+        raise InputError(f"input folder {folder} holds no .tif/.tiff file.")
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def _header(path: Path) -> tuple[int, tuple[int, int], np.dtype]:
+    """Read a TIFF's page count, page shape and dtype from its header only."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            npages = len(tif.pages)
+            shape, dtype = tuple(page.shape), np.dtype(page.dtype)
+    except Exception as exc:  # tifffile raises many types on corrupt files
+        raise InputError(f"cannot read TIFF {path}: {exc}") from None
+    if len(shape) != 2:
+        raise InputError(f"{path} holds a {len(shape)}-D image of shape {shape}; expected 2-D slices.")
+    if dtype not in SUPPORTED_DTYPES:
+        raise InputError(
+            f"{path} has dtype {dtype}; supported: {', '.join(str(d) for d in SUPPORTED_DTYPES)}."
+        )
+    return npages, shape, dtype
+
+
+def discover(
+    root: str | os.PathLike, channels: Sequence[str] = (".",), *, ind_min: int = 0, ind_max: int | None = None
+) -> list[ChannelSource]:
+    """Find, select and check every channel's slices without reading pixel data.
+
+    Parameters
+    ----------
+    root : path
+        The project folder.
+    channels : sequence of str
+        Sub-folders, one per channel; ``"."`` is ``root`` itself.
+    ind_min, ind_max : int
+        First and last slice kept (inclusive); an ``ind_max`` past the end means "to the end".
+
+    Raises
+    ------
+    InputError
+        Missing or empty folder, unreadable header, slices of different shape or dtype (naming
+        the first offender), channels of different slice counts or shapes.
+    """
+    root = Path(root)
+    sources = []
+    for channel in channels:
+        folder = root / channel
+        if not folder.is_dir():
+            raise InputError(f"channel folder {folder} (channel {channel!r}) does not exist.")
+        files = _tiff_files(folder)
+        npages, shape, dtype = _header(files[0])
+        if len(files) == 1 and npages > 1:
+            pages = list(range(npages))
+            total = npages
+        else:
+            pages = None
+            total = len(files)
+        last = total - 1 if ind_max is None else min(ind_max, total - 1)
+        if ind_min > last:
+            raise InputError(
+                f"ind_min = {ind_min} leaves no slice in {folder}, which holds {total} slice(s)."
+            )
+        if pages is None:
+            files = files[ind_min : last + 1]
+            for f in files:
+                n, s, d = _header(f)
+                if n != 1:
+                    raise InputError(f"{f} holds {n} pages, but {folder} holds one file per slice.")
+                if s != shape or d != dtype:
+                    raise InputError(
+                        f"{f} is {s[1]} x {s[0]} px {d}, but {files[0].name} is "
+                        f"{shape[1]} x {shape[0]} px {dtype}: every slice must match."
+                    )
+            src = ChannelSource(channel, tuple(files), None, shape, dtype)
+        else:
+            src = ChannelSource(channel, (files[0],), tuple(pages[ind_min : last + 1]), shape, dtype)
+        if sources and (src.nslices, src.shape, src.dtype) != (sources[0].nslices, sources[0].shape, sources[0].dtype):
+            ref = sources[0]
+            raise InputError(
+                f"channel {channel!r} has {src.nslices} slices of {src.shape[1]} x {src.shape[0]} px "
+                f"{src.dtype}, but channel {ref.channel!r} has {ref.nslices} of "
+                f"{ref.shape[1]} x {ref.shape[0]} px {ref.dtype}."
+            )
+        sources.append(src)
+    return sources
+
+
+def read_slices(source: ChannelSource, start: int, stop: int) -> np.ndarray:
+    """Read slices ``start:stop`` of a channel as a ``(z, y, x)`` array.
+
+    Raises
+    ------
+    InputError
+        Naming the file (and page) that cannot be decoded or has the wrong shape.
+    """
+    import tifffile
+
+    out = np.empty((stop - start,) + source.shape, source.dtype)
+    if source.pages is None:
+        for i, path in enumerate(source.files[start:stop]):
+            try:
+                img = tifffile.imread(path)
+            except Exception as exc:
+                raise InputError(f"cannot read TIFF {path}: {exc}") from None
+            if img.shape != source.shape:
+                raise InputError(f"{path} decodes to shape {img.shape}, expected {source.shape}.")
+            out[i] = img
+        return out
+    path = source.files[0]
+    with tifffile.TiffFile(path) as tif:
+        for i, p in enumerate(source.pages[start:stop]):
+            try:
+                out[i] = tif.pages[p].asarray()
+            except Exception as exc:
+                raise InputError(f"cannot read page {p} of TIFF {path}: {exc}") from None
+    return out
