@@ -64,8 +64,9 @@ class Params:
 def _input_positions(stack: da.Array, ctx: StepContext, params: Params) -> np.ndarray:
     if ctx.zpos is None:
         raise StepError(
-            f"[{SECTION}] the z positions of the slices are missing: the file names did not give "
-            f"them through policy = {params.policy!r} (or pass zpos= to resampling())."
+            f"[{SECTION}] the z positions of the slices are missing: no file names gave them "
+            f"through policy = {params.policy!r} (a multi-page TIFF has none); name the files "
+            "after the policy, or pass zpos= to resampling()."
         )
     zin = check_zpos(ctx.zpos, first_index=ctx.first_index)
     if len(zin) != stack.shape[0]:
