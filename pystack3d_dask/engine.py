@@ -114,7 +114,8 @@ class Project:
         Parameters
         ----------
         steps : sequence of str, optional
-            Run only up to the last of these steps (earlier ones run if needed).
+            Run only up to the last of these steps (earlier ones run if needed); ``[]``
+            only ingests the input.
         force : iterable of str
             Steps to recompute even if complete (with every step after them).
         """
@@ -123,8 +124,8 @@ class Project:
         for name in list(steps or []) + list(force):
             if name not in todo:
                 raise ConfigError(f"step {name!r} is not among the steps to run: {todo}.")
-        if steps:
-            todo = todo[: max(todo.index(s) for s in steps) + 1]
+        if steps is not None:  # an empty list ingests only
+            todo = todo[: max((todo.index(s) + 1 for s in steps), default=0)]
         force = set(force)
         sources = discover(cfg.project_dir, cfg.channels, ind_min=cfg.ind_min, ind_max=cfg.ind_max)
         zpos = self._zpos(sources[0])

@@ -1,0 +1,117 @@
+"""The ``pystack3d-dask`` command: thin wrappers around the public API.
+
+::
+
+    pystack3d-dask run PATH [--steps S ...] [--force S ...] [--cluster local|ADDRESS] [--output DIR]
+    pystack3d-dask demo [DIR] [--shape N,H,W]
+    pystack3d-dask info PATH
+    pystack3d-dask export PATH --step S [--channel C] --format tiff OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+
+from pystack3d_dask.errors import PyStack3DError
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        n, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: expected N,H,W, e.g. 120,256,256") from None
+    if min(n, h, w) < 16:
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: every size must be >= 16")
+    return n, h, w
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pystack3d-dask", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a PyStack3D params.toml (a file or its folder)")
+    run.add_argument("path")
+    run.add_argument("--steps", nargs="+", metavar="STEP", help="run only up to these steps")
+    run.add_argument("--force", nargs="+", default=[], metavar="STEP", help="redo these steps (and those after)")
+    run.add_argument("--cluster", help='"threads", "local" or a scheduler address (overrides [cluster])')
+    run.add_argument("--output", help="folder for the store (default: the project folder)")
+    run.add_argument("--chunk-mib", type=float, default=32.0, help="target chunk size (MiB)")
+
+    demo = sub.add_parser("demo", help="run the chain on a built-in synthetic stack with ground truth")
+    demo.add_argument("dir", nargs="?", default="pystack3d_dask_demo")
+    demo.add_argument("--shape", type=_shape, default=(120, 256, 256), help="N,H,W of the ground truth")
+    demo.add_argument("--cluster", help='"threads" (default), "local" or a scheduler address')
+
+    info = sub.add_parser("info", help="steps done, shapes, chunks, dtype, statistics")
+    info.add_argument("path")
+    info.add_argument("--output", help="folder holding the store, if not the project folder")
+
+    export = sub.add_parser("export", help="write a step's result as a TIFF folder (Fiji opens it)")
+    export.add_argument("path")
+    export.add_argument("--step", required=True)
+    export.add_argument("--channel")
+    export.add_argument("--format", choices=["tiff"], default="tiff")
+    export.add_argument("--output", help="folder holding the store, if not the project folder")
+    export.add_argument("out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        return _COMMANDS[args.command](args)
+    except PyStack3DError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from pystack3d_dask.engine import Project
+
+    project = Project(args.path, output_dir=args.output, chunk_mib=args.chunk_mib, cluster=args.cluster,
+                      quiet=args.quiet)
+    report = project.run(args.steps, force=args.force)
+    for message in report.messages:
+        print(message)
+    if report.skipped:
+        print(f"already complete: {', '.join(report.skipped)}")
+    print(f"computed: {', '.join(report.done) or 'nothing'}")
+    print(f"store: {project.store_path}")
+    return 0
+
+
+def _demo(args) -> int:
+    from pystack3d_dask.demo import run_demo
+
+    run_demo(args.dir, shape=args.shape, cluster=args.cluster, quiet=args.quiet)
+    return 0
+
+
+def _info(args) -> int:
+    from pystack3d_dask.engine import Project
+
+    print(json.dumps(Project(args.path, output_dir=args.output).info(), indent=2, default=str))
+    return 0
+
+
+def _export(args) -> int:
+    from pystack3d_dask.engine import Project
+
+    folder = Project(args.path, output_dir=args.output).export(args.step, args.out, channel=args.channel)
+    print(f"wrote {folder}")
+    return 0
+
+
+_COMMANDS = {"run": _run, "demo": _demo, "info": _info, "export": _export}
+
+if __name__ == "__main__":
+    sys.exit(main())
