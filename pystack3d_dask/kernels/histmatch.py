@@ -1,6 +1,9 @@
-"""Histogram matching kernels (``intensity_rescaling``): pure numpy, one block at a time.
+"""Intensity rescaling kernels: pure numpy, one block at a time.
 
-The data model of the step, defined once here:
+Histogram matching (``intensity_rescaling``) and the per-slice area means and
+factors of ``intensity_rescaling_area`` (:func:`area_sums`, :func:`scale`).
+
+The data model of histogram matching, defined once here:
 
 Bins
     ``edges = numpy.linspace(lo, hi, nbins + 1)`` in float64.  Bin ``i`` holds the
@@ -255,4 +258,44 @@ def match(block: np.ndarray, edges: np.ndarray, cdf_src: np.ndarray, cdf_ref: np
             out[k] = lut.astype(np.float32)[image.astype(np.intp) - lo]
         else:
             out[k] = match_values(image, edges, cdf_src[k], cdf_ref[k])
+    return out
+
+
+def area_sums(
+    block: np.ndarray, *, threshold_min: float | None = None, threshold_max: float | None = None
+) -> np.ndarray:
+    """Per-slice ``(sum, count)`` of the pixels within ``[threshold_min, threshold_max]``.
+
+    Parameters
+    ----------
+    block : ndarray, shape (z, y, x)
+        The area of each slice (already cropped).
+    threshold_min, threshold_max : float, optional
+        Inclusive bounds; None means unbounded.  NaN pixels never count.
+
+    Returns
+    -------
+    ndarray of float64, shape (z, 2)
+        Sums (exact for integer data) and pixel counts; a slice's mean is ``sum / count``.
+    """
+    out = np.zeros((block.shape[0], 2))
+    for k, image in enumerate(block):
+        keep = np.ones(image.shape, bool) if image.dtype.kind in "ui" else ~np.isnan(image)
+        if threshold_min is not None:
+            keep &= image >= threshold_min
+        if threshold_max is not None:
+            keep &= image <= threshold_max
+        values = image[keep]
+        out[k] = values.sum(dtype=np.int64 if image.dtype.kind in "ui" else np.float64), values.size
+    return out
+
+
+def scale(block: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Multiply slice ``k`` of a ``(z, y, x)`` block by ``factors[k]`` (in float64); float32.
+
+    ``factors`` may be ``(z,)`` or ``(z, 1)``.
+    """
+    out = np.empty(block.shape, np.float32)
+    for k, f in enumerate(np.asarray(factors, np.float64).reshape(-1)):
+        out[k] = block[k] * f
     return out
