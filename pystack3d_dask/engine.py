@@ -56,6 +56,8 @@ class RunReport:
     """What a run did, step by step (also printed by the CLI)."""
 
     done: list[str] = dataclasses.field(default_factory=list)
+    #: slices computed per step in this run (all channels): fewer than the stack after a resume
+    computed: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped: list[str] = dataclasses.field(default_factory=list)
     messages: list[str] = dataclasses.field(default_factory=list)
 
@@ -138,9 +140,11 @@ class Project:
                 with scheduler(self.cluster, nproc=cfg.nproc) as distributed:
                     self._ingest(store, sources, zpos, report, distributed)
                     self._run_steps(store, todo, force, report, distributed)
-            except BaseException:
-                if new_store and not (self.store_path / INPUT / "zarr.json").exists():
-                    shutil.rmtree(self.store_path, ignore_errors=True)  # nothing worth keeping
+            except Exception:
+                # An error (bad input, bad parameter) leaves the disk as it was; an interruption
+                # (Ctrl-C, SIGKILL) keeps what is written, for the next run to resume from.
+                if new_store:
+                    shutil.rmtree(self.store_path, ignore_errors=True)
                 raise
         return report
 
@@ -275,6 +279,7 @@ class Project:
         execute(tasks, total=total, desc="ingest", distributed=distributed, quiet=self.quiet)
         store.set_info(INPUT, complete=True)
         report.done.append(INPUT)
+        report.computed[INPUT] = total
 
     def _run_steps(self, store: ProjectStore, todo: list[str], force: set[str], report: RunReport,
                    distributed: bool) -> None:
@@ -307,7 +312,7 @@ class Project:
                 continue
             created = info is None
             try:
-                self._run_step(store, step, params, prev, chain, distributed)
+                report.computed[name] = self._run_step(store, step, params, prev, chain, distributed)
             except BaseException as exc:
                 if created and not isinstance(exc, KeyboardInterrupt):
                     store.delete(name)  # an error leaves the store as it was before the step
@@ -315,7 +320,7 @@ class Project:
             report.done.append(name)
             prev = name
 
-    def _run_step(self, store: ProjectStore, step, params, prev: str, chain: str, distributed: bool) -> None:
+    def _run_step(self, store: ProjectStore, step, params, prev: str, chain: str, distributed: bool) -> int:
         cfg = self.config
         name = step.name
         prev_info = store.info(prev)
@@ -358,6 +363,7 @@ class Project:
         execute(tasks, total=total, desc=name, distributed=distributed, quiet=self.quiet)
         store.set_info(name, complete=True, alias=alias,
                        zpos=None if zpos_out is None else np.asarray(zpos_out).tolist())
+        return total
 
     def _previous_states(self, store: ProjectStore, name: str) -> dict[str, dict]:
         """States of the steps before ``name``, per channel (shared states under every channel)."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import dask
 from dask.callbacks import Callback
@@ -36,15 +39,35 @@ def execute(tasks: Sequence[Delayed], *, total: int, desc: str, distributed: boo
     with tqdm(total=total, desc=desc, unit="slice", disable=quiet, file=sys.stderr, leave=True,
               dynamic_ncols=True) as bar:
         if distributed:
-            from distributed import as_completed, get_client
-
-            futures = get_client().compute(list(tasks))
-            try:
-                for future in as_completed(futures):
-                    bar.update(future.result())
-            finally:
-                for f in futures:
-                    f.cancel()
+            _execute_distributed(tasks, bar)
             return
-        with _SliceCounter({t.key for t in tasks}, bar):
-            dask.compute(*tasks)
+        # Our own pool, so that on an error we can wait for the tasks still running: nothing
+        # may write into the store after we return (the caller may roll the step back).
+        pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or os.cpu_count())
+        try:
+            with _SliceCounter({t.key for t in tasks}, bar):
+                dask.compute(*tasks, pool=pool)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _execute_distributed(tasks: Sequence[Delayed], bar, *, drain_timeout: float = 60.0) -> None:
+    from distributed import as_completed, get_client
+
+    client = get_client()
+    futures = client.compute(list(tasks))
+    try:
+        for future in as_completed(futures):
+            bar.update(future.result())
+    except BaseException:
+        client.cancel(futures)
+        # A cancelled task already running on a worker still finishes: wait until none of
+        # ours is processing, so nothing writes after we return.
+        keys = {f.key for f in futures}
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline:
+            busy = {k for ks in client.processing().values() for k in ks}
+            if not busy & keys:
+                break
+            time.sleep(0.05)
+        raise

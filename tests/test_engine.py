@@ -1,0 +1,197 @@
+"""The engine: chunking- and scheduler-independent results, resume, change detection, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import random_stack, tree_digest, write_params, write_slices
+from pystack3d_dask.engine import Project
+from pystack3d_dask.errors import ConfigError, InputError, StoreError
+from pystack3d_dask.store import LOCK_NAME, project_lock
+
+PARAMS = """
+process_steps = ["cropping", "cropping_final"]
+channels = {channels}
+[cropping]
+area = [2, 99999, 1, 99999]
+[cropping_final]
+area = [1, 15, 3, 20]
+"""
+
+
+def make_project(tmp_path, *, channels=("A", "B"), shape=(13, 24, 20), dtype="uint8", extra=""):
+    stacks = {}
+    for i, ch in enumerate(channels):
+        stacks[ch] = random_stack(shape, dtype, seed=i)
+        write_slices(tmp_path / ch, stacks[ch])
+    write_params(tmp_path, PARAMS.format(channels=list(channels)) + extra)
+    return stacks
+
+
+def expected(stack):
+    h = stack.shape[1]
+    first = stack[:, : h - 1, 2:]  # [cropping] ymin=1 drops the bottom row, xmin=2 two columns
+    h1 = first.shape[1]
+    return first[:, h1 - 20 : h1 - 3, 1:15]
+
+
+def store_content(project, steps=("input", "cropping", "cropping_final")):
+    out = {}
+    for step in steps:
+        for ch in project.config.channels:
+            out[step, ch] = (project.result(step, ch).compute(), project.stats(step, ch))
+    return out
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key][0], b[key][0])
+        for name in a[key][1]:
+            np.testing.assert_array_equal(a[key][1][name], b[key][1][name], err_msg=f"{key} {name}")
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_multichannel_chain_exact(tmp_path, dtype):
+    stacks = make_project(tmp_path, dtype=dtype)
+    project = Project(tmp_path, quiet=True)
+    report = project.run()
+    assert report.done == ["input", "cropping", "cropping_final"]
+    for ch, stack in stacks.items():
+        out = project.result("cropping_final", ch)
+        assert out.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(out.compute(), expected(stack))
+        stats = project.stats("cropping_final", ch)
+        np.testing.assert_allclose(stats["mean"], expected(stack).reshape(13, -1).mean(axis=1, dtype=np.float64))
+        np.testing.assert_allclose(stats["input_max"], stack[:, :-1, 2:].reshape(13, -1).max(axis=1))
+    assert project.zpos("cropping_final") is None  # no resampling step: no policy asked for
+
+
+def test_results_do_not_depend_on_chunking_or_scheduler(tmp_path, local_cluster):
+    runs = {}
+    for name, kwargs in {"1": dict(chunk_slices=1), "5": dict(chunk_slices=5), "all": dict(chunk_slices=13),
+                         "cluster": dict(chunk_slices=4, cluster=local_cluster.scheduler_address)}.items():
+        folder = tmp_path / name
+        make_project(folder)
+        project = Project(folder, quiet=True, **kwargs)
+        project.run()
+        assert project.result("input", "A").chunks[0][0] == kwargs["chunk_slices"]
+        runs[name] = store_content(project)
+    for name in ("5", "all", "cluster"):
+        assert_same(runs["1"], runs[name])
+
+
+def test_rerun_skips_and_changes_recompute_what_follows(tmp_path):
+    make_project(tmp_path)
+    project = Project(tmp_path, quiet=True)
+    project.run()
+    before = store_content(project)
+    report = Project(tmp_path, quiet=True).run()
+    assert report.done == [] and report.skipped == ["input", "cropping", "cropping_final"]
+    # change the last step only: the first is kept
+    (tmp_path / "params.toml").write_text(PARAMS.format(channels=["A", "B"]).replace("[1, 15, 3, 20]",
+                                                                                     "[1, 16, 3, 20]"))
+    report = Project(tmp_path, quiet=True).run()
+    assert report.done == ["cropping_final"] and "cropping_final: recomputing" in report.messages[0]
+    # change the first: both are recomputed; back to the start: both again, same bytes
+    (tmp_path / "params.toml").write_text(PARAMS.format(channels=["A", "B"]).replace("[2, 99999", "[3, 99999"))
+    assert Project(tmp_path, quiet=True).run().done == ["cropping", "cropping_final"]
+    (tmp_path / "params.toml").write_text(PARAMS.format(channels=["A", "B"]))
+    assert Project(tmp_path, quiet=True).run().done == ["cropping", "cropping_final"]
+    assert_same(before, store_content(Project(tmp_path, quiet=True)))
+    report = Project(tmp_path, quiet=True).run(force=["cropping"])
+    assert report.done == ["cropping", "cropping_final"] and "forced" in report.messages[0]
+    report = Project(tmp_path, quiet=True).run(["cropping"], force=["cropping"])
+    assert report.done == ["cropping"]
+    with pytest.raises(ConfigError, match="'bkg_removal' is not among the steps to run"):
+        project.run(force=["bkg_removal"])
+
+
+def test_history_skips_steps_done(tmp_path):
+    make_project(tmp_path, extra="")
+    text = (tmp_path / "params.toml").read_text()
+    (tmp_path / "params.toml").write_text('history = ["cropping"]\n' + text)
+    with pytest.warns(UserWarning, match="history lists"):
+        report = Project(tmp_path, quiet=True).run()
+    assert report.done == ["input", "cropping_final"]
+
+
+def test_a_second_run_is_refused_while_one_runs(tmp_path):
+    make_project(tmp_path)
+    with project_lock(tmp_path):
+        with pytest.raises(StoreError, match=r"another pystack3d-dask run \(pid \d+\) is working on"):
+            Project(tmp_path, quiet=True).run()
+    Project(tmp_path, quiet=True).run()  # the lock dies with its holder
+    assert (tmp_path / LOCK_NAME).exists()
+
+
+def corrupt(path):
+    path.write_bytes(path.read_bytes()[:-200])
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "cluster"])
+def test_corrupt_tiff_is_named_and_leaves_nothing(tmp_path, scheduler, local_cluster):
+    make_project(tmp_path)
+    corrupt(tmp_path / "B" / "slice_7_z=0.0700um.tif")
+    before = tree_digest(tmp_path)
+    cluster = local_cluster.scheduler_address if scheduler == "cluster" else None
+    with pytest.raises(InputError, match=r"B/slice_7_z=0.0700um.tif"):
+        Project(tmp_path, quiet=True, chunk_slices=3, cluster=cluster).run()
+    after = tree_digest(tmp_path)
+    after.pop(LOCK_NAME, None)
+    assert after == before  # no store left, input untouched
+
+
+def test_step_error_leaves_the_store_as_it_was(tmp_path):
+    make_project(tmp_path)
+    Project(tmp_path, quiet=True).run(["cropping"])
+    store = tmp_path / "pystack3d_dask.zarr"
+    before = tree_digest(store)
+    (tmp_path / "params.toml").write_text(PARAMS.format(channels=["A", "B"]).replace("[1, 15, 3, 20]",
+                                                                                     "[500, 600, 3, 20]"))
+    with pytest.raises(ConfigError, match=r"\[cropping\] area = \[500, 600, 3, 20\] leaves no pixel"):
+        Project(tmp_path, quiet=True).run()
+    assert tree_digest(store) == before
+
+
+def test_unwritable_output(tmp_path):
+    make_project(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match=r"output folder .*file/out is not writable"):
+        Project(tmp_path, quiet=True, output_dir=blocker / "out").run()
+
+
+def test_inconsistent_input_is_named_before_any_work(tmp_path):
+    make_project(tmp_path)
+    tifffile.imwrite(tmp_path / "A" / "slice_4_z=0.0400um.tif", np.zeros((24, 21), np.uint8))
+    before = tree_digest(tmp_path)
+    with pytest.raises(InputError, match="slice_4_z=0.0400um.tif is 21 x 24 px"):
+        Project(tmp_path, quiet=True).run()
+    assert {k: v for k, v in tree_digest(tmp_path).items() if k != LOCK_NAME} == before
+    with pytest.raises(InputError, match="channel folder .*C.* does not exist"):
+        Project({**_table(tmp_path), "channels": ["B", "C"]}, quiet=True).run()
+
+
+def _table(folder):
+    import tomllib
+
+    with open(folder / "params.toml", "rb") as fh:
+        return {**tomllib.load(fh), "project_dir": str(folder)}
+
+
+def test_output_dir_and_export(tmp_path):
+    stacks = make_project(tmp_path, channels=(".",))
+    project = Project(tmp_path, quiet=True, output_dir=tmp_path / "out")
+    project.run()
+    folder = project.export("cropping_final", tmp_path / "tiffs")
+    files = sorted(folder.iterdir())
+    assert len(files) == 13
+    np.testing.assert_array_equal(tifffile.imread(files[0]), expected(stacks["."])[0])
+    with pytest.raises(StoreError, match="not empty"):
+        project.export("cropping_final", tmp_path / "tiffs")
+    info = project.info()
+    assert info["steps"]["cropping_final"]["status"] == "complete"
+    assert info["steps"]["cropping_final"]["shape"] == (13, 17, 14)
