@@ -1,0 +1,89 @@
+"""A run killed with SIGKILL at any moment restarts on the missing chunks only, byte-identical."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import zarr
+
+from conftest import random_stack, write_params, write_slices
+from pystack3d_dask.engine import Project
+
+PARAMS = """
+process_steps = ["cropping", "cropping_final"]
+[cropping]
+area = [1, 99999, 0, 99999]
+[cropping_final]
+area = [0, 30, 2, 40]
+"""
+
+# The child runs the project with every chunk write slowed down, so the parent can kill it
+# while chunks are being written; the engine itself is untouched.
+CHILD = textwrap.dedent("""
+    import sys, time
+    import pystack3d_dask.engine as engine
+    from pystack3d_dask.store import write_block
+
+    def slow_write(*args):
+        time.sleep(0.05)
+        return write_block(*args)
+
+    engine.write_block = slow_write
+    engine.Project(sys.argv[1], chunk_slices=1, quiet=True).run()
+""")
+
+
+def _done_flags(folder, step):
+    try:
+        stats = zarr.open_array(folder / "pystack3d_dask.zarr", path=f"{step}/_stats/_", mode="r")[:]
+    except Exception:
+        return 0
+    return int(np.sum(stats[:, -1] == 1))
+
+
+def _kill_when(folder, step, at_least, proc):
+    deadline = time.monotonic() + 120
+    while _done_flags(folder, step) < at_least:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path):
+    stack = random_stack((60, 48, 40))
+    for name in ("killed", "clean"):
+        write_slices(tmp_path / name, stack)
+        write_params(tmp_path / name, PARAMS)
+    folder = tmp_path / "killed"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    # kill once during ingest, once during the first step
+    for step in ("input", "cropping"):
+        proc = subprocess.Popen([sys.executable, str(script), str(folder)], env=env)
+        _kill_when(folder, step, 20 if step == "input" else 10, proc)
+        done = _done_flags(folder, step)
+        assert 0 < done < 60, f"killed at {done} chunks of {step}: not mid-step"
+    report = Project(folder, chunk_slices=1, quiet=True).run()
+    assert report.computed["cropping"] == 60 - done  # only the chunks the killed run had not written
+    assert report.computed["cropping_final"] == 60
+    Project(tmp_path / "clean", chunk_slices=1, quiet=True).run()
+
+    def files(root):
+        store = root / "pystack3d_dask.zarr"
+        return {str(p.relative_to(store)): p.read_bytes() for p in store.rglob("*")
+                if p.is_file() and p.name != "zarr.json"}
+
+    killed, clean = files(folder), files(tmp_path / "clean")
+    assert killed.keys() == clean.keys()
+    assert all(killed[k] == clean[k] for k in clean)  # every chunk byte-identical
+    np.testing.assert_array_equal(Project(folder).result("cropping_final").compute(), stack[:, 8:46, 1:31])
