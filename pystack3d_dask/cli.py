@@ -84,7 +84,8 @@ def _run(args) -> int:
         print(message)
     if report.skipped:
         print(f"already complete: {', '.join(report.skipped)}")
-    print(f"computed: {', '.join(report.done) or 'nothing'}")
+    done = [f"{name} ({report.seconds.get(name, 0):.1f} s)" for name in report.done]
+    print(f"computed: {', '.join(done) or 'nothing'}")
     print(f"store: {project.store_path}")
     return 0
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -58,6 +59,8 @@ class RunReport:
     done: list[str] = dataclasses.field(default_factory=list)
     #: slices computed per step in this run (all channels): fewer than the stack after a resume
     computed: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: wall-clock seconds per step computed in this run (state and write pass)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     skipped: list[str] = dataclasses.field(default_factory=list)
     messages: list[str] = dataclasses.field(default_factory=list)
 
@@ -138,7 +141,9 @@ class Project:
             try:
                 store = ProjectStore(self.store_path)
                 with scheduler(self.cluster, nproc=cfg.nproc) as distributed:
+                    start = time.perf_counter()
                     self._ingest(store, sources, zpos, report, distributed)
+                    report.seconds[INPUT] = time.perf_counter() - start
                     self._run_steps(store, todo, force, report, distributed)
             except Exception:
                 # An error (bad input, bad parameter) leaves the disk as it was; an interruption
@@ -312,7 +317,9 @@ class Project:
                 continue
             created = info is None
             try:
+                start = time.perf_counter()
                 report.computed[name] = self._run_step(store, step, params, prev, chain, distributed)
+                report.seconds[name] = time.perf_counter() - start
             except BaseException as exc:
                 if created and not isinstance(exc, KeyboardInterrupt):
                     store.delete(name)  # an error leaves the store as it was before the step

@@ -47,8 +47,11 @@ FORMAT_VERSION = 1
 INPUT = "input"
 #: columns of the per-slice statistics array
 STATS_COLUMNS = ("raw_min", "raw_max", "raw_mean", "min", "max", "mean", "done")
-#: lz4 + byte shuffle: compresses FIB-SEM slices well at several GB/s, so writing never waits on it
-COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
+#: lz4 + byte shuffle (helps uint16/float32): compresses at GB/s, so writing never waits on it
+COMPRESSORS = (BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),)
+#: write every chunk: zarr's default compares each chunk with the fill value first, which costs
+#: more than the write itself here, and an all-zero chunk (an empty border) is still a result
+ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
 def channel_key(channel: str) -> str:
@@ -184,10 +187,10 @@ class ProjectStore:
             if "_stats" in group and key in group["_stats"]:
                 del group["_stats"][key]
         group.create_array(key, shape=tuple(shape), chunks=chunks, dtype=dtype, compressors=COMPRESSORS,
-                           fill_value=0)
+                           fill_value=0, config=ARRAY_CONFIG)
         group.require_group("_stats").create_array(
             key, shape=(shape[0], len(STATS_COLUMNS)), chunks=(cz, len(STATS_COLUMNS)), dtype="f8",
-            fill_value=np.nan, compressors=None,
+            fill_value=np.nan, compressors=None, config=ARRAY_CONFIG,
         )
         _open_array.cache_clear()
         return node

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ def test_run_info_export(tmp_path, capsys):
     write_slices(tmp_path, stack)
     write_params(tmp_path, PARAMS)
     assert main(["-q", "run", str(tmp_path / "params.toml")]) == 0
-    assert "computed: input, cropping" in capsys.readouterr().out
+    assert re.search(r"computed: input \([\d.]+ s\), cropping", capsys.readouterr().out)
     assert main(["-q", "run", str(tmp_path)]) == 0
     assert "already complete: input, cropping" in capsys.readouterr().out
     assert main(["info", str(tmp_path)]) == 0
