@@ -76,7 +76,7 @@ def shifted():
 def cluster():
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as c:
+                                  dashboard_address=":0") as c:
         yield c
 
 
@@ -124,6 +124,11 @@ def test_modes_follow_numpy_pad(mode):
     pad = {"constant_values": np.nan} if mode == "constant" else {}
     expected = np.pad(img, 4, mode=mode, **pad)[6:11, 1:8]
     np.testing.assert_array_equal(warp_affine(img, m, mode=mode), expected)
+    # fractional shifts (numpy path) and rotations (affine_transform) agree with map_coordinates
+    for matrix in (np.array([[1, 0, -2.3], [0, 1, 1.6], [0, 0, 1]]), rigid(7.0, 0.4, -1.2, (3, 2))):
+        one_block = warp_blocks(img, matrix[None, None], centres_y=np.array([2.0]), centres_x=np.array([3.0]),
+                                mode=mode)
+        np.testing.assert_allclose(warp_affine(img, matrix, mode=mode), one_block, atol=1e-4)
 
 
 def test_piecewise_warp_with_equal_blocks_is_the_affine_warp():

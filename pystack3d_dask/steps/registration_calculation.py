@@ -81,22 +81,28 @@ def _chunk_matrices(block: np.ndarray, params: Params, origin: tuple[int, int], 
     )
 
 
-def _client_running() -> bool:
-    """True when a ``distributed`` client is the default scheduler (tasks already run in processes)."""
+def _client():
+    """The default ``distributed`` client, or None (then the local schedulers run the graph)."""
     try:
         from distributed import default_client
 
-        default_client()
+        return default_client()
     except (ImportError, ValueError):
-        return False
-    return True
+        return None
 
 
-def pairwise_matrices(stack: da.Array, params: Params, ctx: StepContext) -> da.Array:
-    """Lazy ``(nz, ny, nx, 3, 3)`` pairwise matrices of ``stack`` (chunked like its slices)."""
+def pairwise_matrices(stack: da.Array, params: Params, ctx: StepContext, *, workers: int = 1) -> da.Array:
+    """Lazy ``(nz, ny, nx, 3, 3)`` pairwise matrices of ``stack``.
+
+    With several workers, the registration area is cut into at least
+    ``4 * workers`` chunks so that every worker gets pairs to register (the
+    result does not depend on the chunking).
+    """
     rows, cols = area_slices(params.area, stack.shape[1:], key=f"[{SECTION}] area")
     sub = stack[:, rows, cols]
     _check_blocks(params.nb_blocks, sub.shape[1:])
+    if workers > 1:
+        sub = sub.rechunk((max(1, min(max(sub.chunks[0]), -(-sub.shape[0] // (4 * workers)))), -1, -1))
     nx, ny = params.nb_blocks
     overlapped = da.overlap.overlap(sub, depth={0: (1, 0), 1: 0, 2: 0}, boundary="none")
     kernel = functools.partial(
@@ -112,11 +118,14 @@ def pairwise_matrices(stack: da.Array, params: Params, ctx: StepContext) -> da.A
 
 
 def compute_state(stack: da.Array, params: Params, ctx: StepContext) -> State:
-    matrices = pairwise_matrices(stack, params, ctx)
-    if ctx.distributed or ctx.nproc <= 1 or _client_running():
-        (mats,) = dask.compute(matrices)
-    else:  # pystackreg holds the GIL: threads would not run pairs side by side
+    client = _client()
+    workers = sum(client.nthreads().values()) if client is not None else ctx.nproc
+    matrices = pairwise_matrices(stack, params, ctx, workers=workers)
+    if client is None and not ctx.distributed and ctx.nproc > 1:
+        # pystackreg holds the GIL: threads would not register pairs side by side
         (mats,) = dask.compute(matrices, scheduler="processes", num_workers=ctx.nproc)
+    else:
+        (mats,) = dask.compute(matrices)
     rows, cols = area_slices(params.area, stack.shape[1:], key=f"[{SECTION}] area")
     nx, ny = params.nb_blocks
     return {
