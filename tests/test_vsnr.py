@@ -1,0 +1,131 @@
+"""The VSNR kernel: agreement with pyvsnr (norm=False), per-slice convergence, padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from pystack3d_dask.kernels.vsnr import fast_shape, stripe_spectrum, filter_key, vsnr
+
+GABOR = {"name": "Gabor", "noise_level": 20, "sigma": (0.5, 200), "theta": 0}
+#: PyStack3D's docstring example: two tilted Gabors, plus a Dirac for white noise
+TILTED = [{"name": "Gabor", "noise_level": 10, "sigma": (1, 20), "theta": -10},
+          {"name": "Gabor", "noise_level": 40, "sigma": (3, 40), "theta": -10},
+          {"name": "Dirac", "noise_level": 5}]
+
+
+def striped(shape, seed=0, amplitude=20.0) -> np.ndarray:
+    """A smooth blob image (values ~60-400) with sparse vertical stripes and some noise, float32."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    img = ndimage.gaussian_filter((rng.random(shape) > 0.7).astype(np.float32), 4) * 400 + 60
+    img += amplitude * (rng.normal(0, 1, nx) * (rng.random(nx) > 0.7))[None, :]
+    img += rng.normal(0, 2, shape)
+    return img.astype(np.float32)
+
+
+def pyvsnr_ref(img, filters, maxit, cvg_threshold=0.0):
+    """pyvsnr's result and iteration count, one slice, the way PyStack3D calls it."""
+    pyvsnr = pytest.importorskip("pyvsnr")
+    import sys
+
+    try:
+        out, crit = pyvsnr.vsnr2d(img.copy(), [dict(f) for f in filters], maxit=maxit, algo="numpy",
+                                  norm=False, cvg_threshold=cvg_threshold, return_cvg=True)
+    finally:
+        np.fft = sys.modules["numpy.fft"]  # pyvsnr swaps numpy.fft for pyfftw
+    return out, len(crit) + 1  # criteria are recorded from the second iteration on
+
+
+def rel_rms(a, b) -> float:
+    return float(np.sqrt(np.mean((a.astype(np.float64) - b) ** 2) / np.mean(b.astype(np.float64) ** 2)))
+
+
+@pytest.mark.parametrize("filters", [[GABOR], TILTED], ids=["gabor", "tilted+dirac"])
+def test_matches_pyvsnr_without_early_stop(filters):
+    # 452 = 4 x 113: a slow FFT size, as in the 1024 x 904 benchmark slices
+    img = striped((512, 452))
+    ref, its = pyvsnr_ref(img, filters, maxit=30)
+    out = vsnr(img, filters=filters, maxit=30, pad=False)
+    assert its == 30
+    assert rel_rms(out, ref) <= 1e-3
+    # and the correction is not trivially small: the comparison means something
+    assert rel_rms(img, ref) > 1e-2
+
+
+@pytest.mark.slow
+def test_matches_pyvsnr_real_size():
+    img = striped((1024, 904), seed=3)
+    ref, _ = pyvsnr_ref(img, [GABOR], maxit=100)
+    out = vsnr(img, filters=[GABOR], maxit=100, pad=False)
+    assert rel_rms(out, ref) <= 1e-3
+
+
+@pytest.mark.parametrize("cvg_threshold", [1e-2, 1e-3])
+def test_iteration_counts_match_pyvsnr(cvg_threshold):
+    img = striped((256, 230), seed=1)
+    ref, ref_its = pyvsnr_ref(img, [GABOR], maxit=200, cvg_threshold=cvg_threshold)
+    out, its = vsnr(img, filters=[GABOR], maxit=200, cvg_threshold=cvg_threshold, pad=False,
+                    return_iterations=True)
+    assert 2 < ref_its < 200
+    assert abs(int(its[0]) - ref_its) <= 1
+    assert rel_rms(out, ref) <= 1e-3
+
+
+def test_batched_slices_converge_one_by_one():
+    """A batch (the GPU path, here run with numpy) gives each slice its own stopping point."""
+    stack = np.stack([striped((96, 80), seed=s, amplitude=a) for s, a in enumerate((5, 20, 60, 0))])
+    one, its_one = vsnr(stack, filters=TILTED, maxit=80, cvg_threshold=5e-3, pad=True,
+                        return_iterations=True)
+    batch, its_batch = vsnr(stack, filters=TILTED, maxit=80, cvg_threshold=5e-3, pad=True,
+                            batch=4, band=10_000, return_iterations=True)
+    assert len(set(its_one.tolist())) > 1  # the slices really stop at different iterations
+    np.testing.assert_array_equal(its_batch, its_one)
+    np.testing.assert_allclose(batch, one, rtol=1e-6, atol=1e-4)
+    alone = [vsnr(img, filters=TILTED, maxit=80, cvg_threshold=5e-3, pad=True) for img in stack]
+    np.testing.assert_array_equal(np.stack(alone), one)
+
+
+@pytest.mark.parametrize("band", [1, 7, 96])
+def test_band_size_does_not_change_the_result(band):
+    img = striped((96, 70), seed=2)
+    ref = vsnr(img, filters=TILTED, maxit=15, band=16)
+    np.testing.assert_allclose(vsnr(img, filters=TILTED, maxit=15, band=band), ref, rtol=1e-6, atol=1e-4)
+
+
+def test_padding_changes_only_the_edges():
+    img = striped((200, 226), seed=4)  # 226 = 2 x 113
+    assert fast_shape(img.shape) == (200, 240)
+    plain = vsnr(img, filters=[GABOR], maxit=50, pad=False)
+    padded = vsnr(img, filters=[GABOR], maxit=50, pad=True)
+    diff = np.abs(padded - plain)
+    correction = np.abs(plain - img).max()
+    # measured: 0.16 % of the largest correction inside, 1.1 % at the very edge
+    assert diff[32:-32, 32:-32].max() < 0.005 * correction
+    assert diff.max() < 0.03 * correction
+
+
+def test_input_untouched_shape_dtype():
+    img = striped((40, 36))
+    keep = img.copy()
+    out = vsnr(img, filters=[GABOR], maxit=5)
+    np.testing.assert_array_equal(img, keep)
+    assert out.shape == img.shape and out.dtype == np.float32
+    out3 = vsnr(img[None].astype(np.uint16), filters=[GABOR], maxit=5)
+    assert out3.shape == (1, 40, 36)
+
+
+@pytest.mark.parametrize("value", [0.0, 7.0, -3.0])
+def test_constant_slice_is_unchanged(value):
+    img = np.full((32, 30), value, np.float32)
+    out, its = vsnr(img, filters=TILTED, maxit=20, cvg_threshold=1e-3, return_iterations=True)
+    np.testing.assert_allclose(out, img, atol=1e-4)
+    assert its[0] <= 2
+
+
+def test_filter_spectrum_built_once_per_shape():
+    key = filter_key([GABOR])
+    assert stripe_spectrum(key, (64, 48)) is stripe_spectrum(key, (64, 48))
+    g2, w = stripe_spectrum(key, (64, 48))
+    assert g2.shape == w.shape == (64, 25) and g2.dtype == np.float32
