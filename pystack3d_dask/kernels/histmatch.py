@@ -74,16 +74,68 @@ def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return idx
 
 
-def _dense_range(image: np.ndarray) -> tuple[int, int] | None:
-    """``(lo, hi)`` of an integer image whose value range is no larger than its size, else None.
+#: pixels handled at a time: temporaries stay in cache (2-3x faster than whole 1024^2 slices)
+_PIECE = 1 << 16
 
-    Such an image is cheaper to handle value by value (count or map each
-    distinct value once) than pixel by pixel.
+
+def _pieces(n: int):
+    return (slice(i, min(i + _PIECE, n)) for i in range(0, n, _PIECE))
+
+
+def _value_table(image: np.ndarray) -> tuple[int, int] | None:
+    """``(first, last)`` values of a table indexed by the pixel values of an integer image.
+
+    ``first`` is 0 for unsigned images (the raw values index the table) and
+    the minimum otherwise.  None for floats, and when the table would be
+    larger than the image: then going pixel by pixel is cheaper.
     """
     if image.dtype.kind not in "ui" or image.size == 0:
         return None
-    lo, hi = int(image.min()), int(image.max())
-    return (lo, hi) if hi - lo < image.size else None
+    first = 0 if _raw_index(image.dtype) else int(image.min())
+    last = int(image.max())
+    return (first, last) if last - first < image.size else None
+
+
+def _raw_index(dtype: np.dtype) -> bool:
+    # unsigned values below 2**63 index numpy arrays as they are, without a converted copy
+    return dtype.kind == "u" and dtype.itemsize < 8
+
+
+def _indices(piece: np.ndarray, first: int) -> np.ndarray:
+    return piece if _raw_index(piece.dtype) else piece.astype(np.intp) - first
+
+
+def _counts(image: np.ndarray, first: int, last: int) -> np.ndarray:
+    """Number of pixels equal to each value ``first .. last`` of an integer image.
+
+    ``first`` must be 0 for the unsigned dtypes whose raw values index arrays
+    (as :func:`_value_table` gives it).
+    """
+    flat = image.ravel()
+    out = np.zeros(last - first + 1, np.int64)
+    for s in _pieces(flat.size):
+        out += np.bincount(_indices(flat[s], first), minlength=out.size)
+    return out
+
+
+def _map_values(image: np.ndarray, func) -> np.ndarray:
+    """``func`` (float64 values -> float64) on every pixel of ``image``, as float32.
+
+    Integer images go through a table of ``func`` on their distinct values:
+    the same arithmetic, evaluated once per value instead of once per pixel.
+    """
+    flat = image.ravel()
+    out = np.empty(flat.size, np.float32)
+    table = _value_table(image)
+    if table is not None:
+        first, last = table
+        lut = func(np.arange(first, last + 1, dtype=np.float64)).astype(np.float32)
+        for s in _pieces(flat.size):
+            np.take(lut, _indices(flat[s], first), out=out[s], mode="clip")  # indices are in range
+    else:
+        for s in _pieces(flat.size):
+            out[s] = func(flat[s].astype(np.float64))
+    return out.reshape(image.shape)
 
 
 def rebin(counts: np.ndarray, values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -138,14 +190,14 @@ def histograms(block: np.ndarray, edges: np.ndarray) -> np.ndarray:
     nbins = len(edges) - 1
     out = np.zeros((block.shape[0], nbins), np.int64)
     for k, image in enumerate(block):
-        dense = _dense_range(image)
-        if dense is not None:  # integers: count each value, then bin the distinct values
-            lo, hi = dense
-            counts = np.bincount(image.ravel().astype(np.intp) - lo, minlength=hi - lo + 1)
-            out[k] = rebin(counts, np.arange(lo, hi + 1), edges)
-        else:
-            idx = bin_index(image.ravel(), edges)
-            out[k] = np.bincount(idx[idx >= 0], minlength=nbins)
+        table = _value_table(image)
+        if table is not None:  # integers: count each value, then bin the distinct values
+            out[k] = rebin(_counts(image, *table), np.arange(table[0], table[1] + 1), edges)
+            continue
+        flat = image.ravel()
+        for s in _pieces(flat.size):
+            idx = bin_index(flat[s], edges)
+            out[k] += np.bincount(idx[idx >= 0], minlength=nbins)
     return out
 
 
@@ -158,10 +210,7 @@ def value_counts(block: np.ndarray) -> np.ndarray:
     info = np.iinfo(block.dtype)
     if info.bits != 8:
         raise TypeError(f"value_counts needs a one-byte integer dtype, got {block.dtype}")
-    out = np.zeros((block.shape[0], 256), np.int64)
-    for k, image in enumerate(block):
-        out[k] = np.bincount(image.ravel().astype(np.intp) - info.min, minlength=256)
-    return out
+    return np.stack([_counts(image, info.min, info.max) for image in block]).reshape(-1, 256)
 
 
 def cdf_knots(hist: np.ndarray) -> np.ndarray:
@@ -245,19 +294,12 @@ def match(block: np.ndarray, edges: np.ndarray, cdf_src: np.ndarray, cdf_ref: np
 
     Notes
     -----
-    Integer slices are mapped through a look-up table over their value range
-    (the same float64 arithmetic on each distinct value), so the result does
-    not depend on the path taken.
+    Integer slices are mapped through a table of their distinct values (the
+    same float64 arithmetic), so the result does not depend on the path taken.
     """
     out = np.empty(block.shape, np.float32)
     for k, image in enumerate(block):
-        dense = _dense_range(image)
-        if dense is not None:
-            lo, hi = dense
-            lut = match_values(np.arange(lo, hi + 1), edges, cdf_src[k], cdf_ref[k])
-            out[k] = lut.astype(np.float32)[image.astype(np.intp) - lo]
-        else:
-            out[k] = match_values(image, edges, cdf_src[k], cdf_ref[k])
+        out[k] = _map_values(image, lambda v: match_values(v, edges, cdf_src[k], cdf_ref[k]))  # noqa: B023
     return out
 
 
@@ -280,14 +322,27 @@ def area_sums(
     """
     out = np.zeros((block.shape[0], 2))
     for k, image in enumerate(block):
-        keep = np.ones(image.shape, bool) if image.dtype.kind in "ui" else ~np.isnan(image)
-        if threshold_min is not None:
-            keep &= image >= threshold_min
-        if threshold_max is not None:
-            keep &= image <= threshold_max
-        values = image[keep]
-        out[k] = values.sum(dtype=np.int64 if image.dtype.kind in "ui" else np.float64), values.size
+        table = _value_table(image)
+        if table is not None:  # integers: exact sums from the counts of each value
+            counts = _counts(image, *table)
+            values = np.arange(table[0], table[1] + 1)
+            keep = _within(values, threshold_min, threshold_max)
+            out[k] = (counts[keep] * values[keep]).sum(), counts[keep].sum()
+            continue
+        flat = image.ravel()
+        for s in _pieces(flat.size):  # fixed order of the partial sums: same result for any chunking
+            values = flat[s][_within(flat[s], threshold_min, threshold_max)]
+            out[k] += values.sum(dtype=np.float64), values.size
     return out
+
+
+def _within(values: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
+    keep = ~np.isnan(values) if values.dtype.kind == "f" else np.ones(values.shape, bool)
+    if lo is not None:
+        keep &= values >= lo
+    if hi is not None:
+        keep &= values <= hi
+    return keep
 
 
 def scale(block: np.ndarray, factors: np.ndarray) -> np.ndarray:
@@ -297,5 +352,5 @@ def scale(block: np.ndarray, factors: np.ndarray) -> np.ndarray:
     """
     out = np.empty(block.shape, np.float32)
     for k, f in enumerate(np.asarray(factors, np.float64).reshape(-1)):
-        out[k] = block[k] * f
+        out[k] = _map_values(block[k], lambda v: v * f)  # noqa: B023
     return out

@@ -19,9 +19,9 @@ Reads of the stack before the write pass:
   ``[min, max]``.
 
 The histograms after the correction come from the write pass itself: the
-engine calls :func:`write_reduction` on each output chunk it writes
-(``histograms_after`` in the state); :func:`histograms_after` does the same
-lazily for array-level users.
+engine runs the kernel of :func:`write_reduction` on each output chunk it
+writes (``histograms_after`` in the state); :func:`histograms_after` does the
+same lazily for array-level users.
 """
 
 from __future__ import annotations
@@ -143,20 +143,25 @@ def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da
 STEP = Step(name=SECTION, Params=Params, apply=apply, compute_state=compute_state)
 
 
-def write_reduction(block: np.ndarray, state: State) -> np.ndarray:
-    """Per-slice histograms ``(cz, nbins)`` of an output chunk, on the state's bins.
+#: state key of the per-slice table computed in the write pass (see :func:`write_reduction`)
+WRITE_REDUCTION_KEY = "histograms_after"
 
-    The engine calls it on each chunk of the result as written (after the
-    dtype cast) and stores the concatenation as ``state["histograms_after"]``.
+
+def write_reduction(state: State) -> Callable[[np.ndarray], np.ndarray]:
+    """The kernel that gives the histograms after the correction, from the chunks as written.
+
+    The engine calls the returned function on each output chunk after the
+    dtype cast (in the task that writes it) and stores the ``(cz, nbins)``
+    results, concatenated along z, as ``state[WRITE_REDUCTION_KEY]``.  It
+    carries only the bin edges, not the whole state.
     """
-    return histmatch.histograms(block, np.asarray(state["edges"], np.float64))
+    return functools.partial(histmatch.histograms, edges=np.asarray(state["edges"], np.float64))
 
 
 def histograms_after(result, state: State) -> da.Array:
     """Lazy ``(nz, nbins)`` histograms of ``result`` on the same bins as ``state["histograms"]``."""
     x = result if isinstance(result, da.Array) else da.asarray(result)
-    kernel = functools.partial(write_reduction, state={"edges": state["edges"]})
-    return per_slice(x, kernel, len(state["edges"]) - 1, np.int64)
+    return per_slice(x, write_reduction(state), len(state["edges"]) - 1, np.int64)
 
 
 def intensity_rescaling(stack, **params) -> tuple[da.Array, State]:
