@@ -9,6 +9,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
+from conftest import write_params, write_slices
+from pystack3d_dask.engine import Project
 from pystack3d_dask.errors import ConfigError, StepError
 from pystack3d_dask.kernels import histmatch
 from pystack3d_dask.steps.base import as_stack
@@ -129,24 +131,14 @@ def test_same_result_for_every_chunking(dtype):
         arr[3], dtype=float)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    distributed = pytest.importorskip("distributed")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                      dashboard_address=None) as c:
-            yield c
-
-
-def test_local_cluster_matches_threads(cluster):
+def test_local_cluster_matches_threads(local_cluster):
     from distributed import Client
 
     arr = _stack(np.uint16)
     params = {"hist": {"filter_size": -1, "nbins": 100}, "area": {"factors_range": (0.5, 2.0)}}
     with dask.config.set(scheduler="threads"):
         ref = _both(arr, 3, **params)
-    with Client(cluster):
+    with Client(local_cluster):
         got = _both(arr, 3, **params)
     for a, b in zip(got[:2], ref[:2]):
         np.testing.assert_array_equal(a, b)
@@ -192,6 +184,22 @@ def test_identical_slices_and_constant_stack_unchanged():
     np.testing.assert_array_equal(intensity_rescaling_area(arr)[0].compute(), arr)
     flat = np.full((3, 5, 5), 7.5, np.float32)
     np.testing.assert_array_equal(intensity_rescaling(flat)[0].compute(), flat)
+
+
+def test_project_corrects_each_channel_with_its_own_state(tmp_path):
+    stacks = {"A": _stack(np.uint16), "B": (_stack(np.uint16, seed=1) // 3)}
+    for ch, stack in stacks.items():
+        write_slices(tmp_path / ch, stack)
+    write_params(tmp_path, 'process_steps = ["intensity_rescaling", "intensity_rescaling_area"]\n'
+                           'channels = ["A", "B"]\n[intensity_rescaling]\nnbins = 50\nfilter_size = -1\n'
+                           '[intensity_rescaling_area]\nfactors_range = [0.5, 2.0]\n')
+    project = Project(tmp_path, chunk_slices=3, quiet=True)
+    project.run()
+    for ch, stack in stacks.items():
+        first, state = intensity_rescaling(stack, nbins=50, filter_size=-1)
+        second, state2 = intensity_rescaling_area(first.compute(), factors_range=(0.5, 2.0))
+        np.testing.assert_array_equal(project.state("intensity_rescaling", ch)["histograms"], state["histograms"])
+        np.testing.assert_array_equal(project.result("intensity_rescaling_area", ch).compute(), second.compute())
 
 
 # -- ground truth ------------------------------------------------------------------------------
