@@ -1,0 +1,284 @@
+"""destriping: remove curtaining (vertical stripes) slice by slice.
+
+Two methods, as in PyStack3D:
+
+* VSNR (:mod:`pystack3d_dask.kernels.vsnr`), configured by ``filters``,
+  ``maxit`` and ``cvg_threshold`` with pyvsnr's meaning (``norm=False``), on
+  the CPU (``backend = "numpy"``), on a GPU (``"cupy"``) or through the
+  pyvsnr package itself (``"pyvsnr"``, an optional AGPL dependency);
+* the wavelet-FFT filter (:mod:`pystack3d_dask.kernels.wavelet_destripe`),
+  used whenever ``wavelet_decomposition`` is given; ``filters`` is then
+  ignored, with a warning.
+
+Every slice is corrected on its own (with its own stopping rule), so the
+result does not depend on the chunking.  Pixels that are not finite (NaN
+from a registration with ``mode = "constant"`` on a float stack) are filled
+with the slice's mean for the computation and stay NaN in the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import threading
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import dask.array as da
+import numpy as np
+
+from pystack3d_dask.config import check, fail, suggest
+from pystack3d_dask.errors import StepError
+from pystack3d_dask.kernels.vsnr import FILTER_KEYS, vsnr
+from pystack3d_dask.kernels.wavelet_destripe import wavelet_destripe
+from pystack3d_dask.steps.base import State, Step, StepContext, run_step
+
+SECTION = "destriping"
+#: defaults of a ``wavelet_decomposition`` table's keys (Münch et al.'s example)
+WAVELET_DEFAULTS: dict[str, Any] = {"wavelet": "coif3", "level": 4, "sigma": 4.0}
+#: float32 slice-sized arrays one VSNR slice needs on the GPU (work arrays, spectra, FFT workspace)
+_GPU_ARRAYS_PER_SLICE = 24
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _parse_filter(i: int, f: Mapping[str, Any]) -> dict[str, Any]:
+    """Return filter ``i`` as a clean dict, or raise ConfigError naming ``filters[i].key``."""
+    key = f"filters[{i}]"
+    name = f.get("name")
+    if name not in FILTER_KEYS:
+        hint = suggest(name, FILTER_KEYS) if isinstance(name, str) else ""
+        fail(SECTION, f"{key}.name", name, f"expected one of {', '.join(map(repr, FILTER_KEYS))}{hint}")
+    needed = FILTER_KEYS[name]
+    for k in f:
+        if k != "name" and k not in needed:
+            fail(SECTION, f"{key}.{k}", f[k],
+                 f"a {name} filter takes only {', '.join(needed)}{suggest(k, needed)}")
+    missing = [k for k in needed if k not in f]
+    if missing:
+        fail(SECTION, f"{key}.{missing[0]}", None,
+             f"missing: a {name} filter needs {', '.join(needed)}")
+    eta = f["noise_level"]
+    check(_is_number(eta) and eta > 0, SECTION, f"{key}.noise_level", eta, "expected a positive number")
+    clean = {"name": name, "noise_level": float(eta)}
+    if name == "Gabor":
+        sigma = f["sigma"]
+        check(isinstance(sigma, (list, tuple)) and len(sigma) == 2
+              and all(_is_number(s) and s > 0 for s in sigma),
+              SECTION, f"{key}.sigma", sigma, "expected two positive numbers [sx, sy] (pixels)")
+        theta = f["theta"]
+        check(_is_number(theta), SECTION, f"{key}.theta", theta, "expected an angle in degrees")
+        clean.update(sigma=(float(sigma[0]), float(sigma[1])), theta=float(theta))
+    return clean
+
+
+def _parse_wavelet(table: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``wavelet_decomposition`` with defaults filled in, or raise ConfigError."""
+    import pywt
+
+    for k in table:
+        if k not in WAVELET_DEFAULTS:
+            fail(SECTION, f"wavelet_decomposition.{k}", table[k],
+                 f"allowed keys are {', '.join(WAVELET_DEFAULTS)}{suggest(k, WAVELET_DEFAULTS)}")
+    out = {**WAVELET_DEFAULTS, **table}
+    names = pywt.wavelist(kind="discrete")
+    wavelet = out["wavelet"]
+    if wavelet not in names:
+        hint = suggest(wavelet, names) if isinstance(wavelet, str) else ""
+        fail(SECTION, "wavelet_decomposition.wavelet", wavelet,
+             f"expected a discrete PyWavelets wavelet, e.g. 'haar', 'db4', 'sym8', 'coif3'{hint} "
+             "(all: pywt.wavelist(kind='discrete'))")
+    level = out["level"]
+    check(isinstance(level, int) and not isinstance(level, bool) and level >= 1,
+          SECTION, "wavelet_decomposition.level", level, "expected an integer >= 1")
+    sigma = out["sigma"]
+    check(_is_number(sigma) and sigma > 0, SECTION, "wavelet_decomposition.sigma", sigma,
+          "expected a positive number")
+    return {"wavelet": wavelet, "level": level, "sigma": float(sigma)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    #: VSNR filters: {name = "Gabor", noise_level, sigma = [sx, sy], theta} or {name = "Dirac", noise_level}
+    filters: tuple[dict, ...] = ()
+    #: maximum VSNR iterations
+    maxit: int = 100
+    #: stop a slice when max|fx - fx_old| / max|fx| <= this (0: always maxit iterations)
+    cvg_threshold: float = 0.0
+    #: {wavelet, level, sigma}: use the wavelet-FFT filter instead of VSNR
+    wavelet_decomposition: dict | None = None
+    #: where VSNR runs: our code on the CPU or a GPU, or the pyvsnr package
+    backend: Literal["numpy", "cupy", "pyvsnr"] = "numpy"
+    #: pad slices to fast FFT sizes: faster, differs from the unpadded result near the edges
+    #: only (about 1 grey level in the outer pixels); false reproduces pyvsnr everywhere
+    pad: bool = True
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        check(self.maxit >= 1, SECTION, "maxit", self.maxit, "expected an integer >= 1")
+        check(math.isfinite(self.cvg_threshold) and self.cvg_threshold >= 0, SECTION,
+              "cvg_threshold", self.cvg_threshold, "expected a number >= 0")
+        set_(self, "filters", tuple(_parse_filter(i, f) for i, f in enumerate(self.filters)))
+        if self.wavelet_decomposition is not None:
+            set_(self, "wavelet_decomposition", _parse_wavelet(self.wavelet_decomposition))
+            if self.filters:
+                warnings.warn(
+                    "[destriping] wavelet_decomposition is given: the wavelet-FFT filter is used "
+                    "and filters (VSNR) are ignored.", UserWarning, stacklevel=3)
+        elif not self.filters:
+            fail(SECTION, "filters", [], "give at least one VSNR filter, e.g. "
+                 '[{name = "Gabor", noise_level = 20, sigma = [0.5, 200], theta = 0}], '
+                 "or a wavelet_decomposition table")
+
+
+def _require(backend: str) -> None:
+    """Fail now, on the client, if the backend's package (or the GPU) is missing."""
+    if backend == "cupy":
+        try:
+            import cupy
+
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # ImportError, or CUDA's own error when there is no driver
+            raise StepError(
+                f"[destriping] backend = 'cupy' needs CuPy and a CUDA GPU ({exc}). Install it with "
+                "`pip install pystack3d-dask[gpu]`, or set backend = 'numpy'."
+            ) from None
+        if count < 1:
+            raise StepError("[destriping] backend = 'cupy' found no CUDA GPU; set backend = 'numpy'.")
+    elif backend == "pyvsnr":
+        try:
+            import pyvsnr  # noqa: F401
+        except ImportError:
+            raise StepError(
+                "[destriping] backend = 'pyvsnr' needs the pyvsnr package (AGPL-3): "
+                "`pip install pystack3d-dask[pyvsnr]`, or set backend = 'numpy'."
+            ) from None
+
+
+_GPU_LOCK = threading.Lock()
+
+
+def _vsnr_cupy(block: np.ndarray, **kw) -> np.ndarray:
+    import cupy
+
+    # one chunk at a time on the device: a batch fills it, and threads must not stack batches
+    with _GPU_LOCK:
+        free = cupy.cuda.runtime.memGetInfo()[0]
+        per_slice = _GPU_ARRAYS_PER_SLICE * 4 * block.shape[1] * block.shape[2]
+        batch = max(1, min(block.shape[0], int(0.8 * free) // per_slice))
+        return vsnr(block, xp=cupy, batch=batch, **kw)
+
+
+def _pyvsnr(block: np.ndarray, *, filters, maxit, cvg_threshold) -> np.ndarray:
+    from pyvsnr import vsnr2d
+
+    out = np.empty(block.shape, np.float32)
+    try:
+        for k, img in enumerate(block):
+            # one slice per call: pyvsnr stops a batch on its worst slice
+            out[k] = vsnr2d(np.asarray(img, np.float32), [dict(f) for f in filters], maxit=maxit,
+                            algo="numpy", norm=False, cvg_threshold=cvg_threshold)
+    finally:
+        np.fft = sys.modules["numpy.fft"]  # pyvsnr swaps numpy.fft for pyfftw process-wide
+    return out
+
+
+def _fill_nonfinite(block: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return ``block`` as float32 with non-finite pixels set to their slice's mean, and their mask."""
+    block = np.asarray(block, np.float32)
+    bad = ~np.isfinite(block)
+    if not bad.any():
+        return block, None
+    block = block.copy()
+    for img, m in zip(block, bad):
+        if m.any() and not m.all():
+            img[m] = img[~m].mean()
+    block[bad.all(axis=(1, 2))] = 0  # an empty slice stays empty (NaN) in the output
+    return block, bad
+
+
+def _destripe_block(block: np.ndarray, *, method: str, **kw) -> np.ndarray:
+    filled, bad = _fill_nonfinite(block)
+    if method == "wavelet":
+        out = wavelet_destripe(filled, **kw)
+    elif method == "cupy":
+        out = _vsnr_cupy(filled, **kw)
+    elif method == "pyvsnr":
+        out = _pyvsnr(filled, **kw)
+    else:
+        out = vsnr(filled, workers=1, **kw)
+    if bad is not None:
+        out[bad] = np.nan
+    return out
+
+
+def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da.Array:
+    if params.wavelet_decomposition is not None:
+        kw: dict[str, Any] = {"method": "wavelet", **params.wavelet_decomposition}
+    else:
+        _require(params.backend)
+        kw = {"method": params.backend, "filters": params.filters, "maxit": params.maxit,
+              "cvg_threshold": params.cvg_threshold}
+        if params.backend != "pyvsnr":
+            kw["pad"] = params.pad
+    return stack.map_blocks(_destripe_block, dtype=np.float32,
+                            meta=np.empty((0, 0, 0), np.float32), **kw)
+
+
+STEP = Step(name="destriping", Params=Params, apply=apply)
+
+
+def destriping(stack, **params) -> tuple[da.Array, dict]:
+    """Remove vertical stripes (curtaining) from every slice; lazy.
+
+    Parameters
+    ----------
+    stack : array-like, shape (z, y, x)
+        numpy, dask or Zarr array.
+    filters : list of dict
+        VSNR filters, PyStack3D / pyvsnr format:
+        ``{"name": "Gabor", "noise_level": 20, "sigma": [0.5, 200], "theta": 0}`` or
+        ``{"name": "Dirac", "noise_level": 10}``.
+    maxit : int, default 100
+        Maximum VSNR iterations per slice.
+    cvg_threshold : float, default 0
+        Stop a slice early when ``max|fx - fx_old| / max|fx|`` falls to this value.
+    wavelet_decomposition : dict, optional
+        ``{"wavelet": "coif3", "level": 4, "sigma": 4}``: use the wavelet-FFT
+        filter instead (``filters`` is then ignored, with a warning).
+    backend : {"numpy", "cupy", "pyvsnr"}, default "numpy"
+        VSNR on the CPU, on a CUDA GPU (``pip install pystack3d-dask[gpu]``),
+        or through pyvsnr (``pip install pystack3d-dask[pyvsnr]``).
+    pad : bool, default True
+        Pad slices to fast FFT sizes (faster; the result differs from the
+        unpadded one near the edges only).
+    zpos, channel, nproc, state, cast :
+        See :func:`pystack3d_dask.steps.base.run_step`.
+
+    Returns
+    -------
+    result : dask.array.Array
+        Destriped stack, cast back to the input dtype (unless ``cast=False``).
+    state : dict
+        Empty: the step has no global state.
+
+    Raises
+    ------
+    ConfigError
+        Unknown filter name, missing or bad filter keys, unknown wavelet.
+    StepError
+        ``backend = "cupy"`` without CuPy or a GPU, ``"pyvsnr"`` without pyvsnr.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> stack = np.random.default_rng(0).integers(0, 200, (2, 32, 32), dtype=np.uint8)
+    >>> out, _ = destriping(stack, filters=[{"name": "Dirac", "noise_level": 1}], maxit=5)
+    >>> out.dtype, out.shape
+    (dtype('uint8'), (2, 32, 32))
+    """
+    return run_step(STEP, stack, **params)
