@@ -239,6 +239,22 @@ def test_blocks_chunking_and_cropping(shifted):
     assert a.shape[1] < shifted.shape[1] and a.shape[2] < shifted.shape[2]
 
 
+def test_blocks_follow_a_non_uniform_distortion():
+    # slice 1 is slice 0 stretched by 4 % along x: the shift grows linearly with x
+    big = texture((80, 200), seed=4)
+    offset = np.eye(3)
+    offset[:2, 2] = 10
+    stretch = offset @ np.diag([0.96, 1.0, 1.0])
+    stack = np.stack([warp_affine(big, m, rect=(0, 60, 0, 160)) for m in (offset, stretch)])
+    errors = {}
+    for nb in ((1, 1), (4, 1)):
+        _, calc = registration_calculation(stack, nb_blocks=nb)
+        out = registration_transformation(stack, calc, mode="edge")[0].compute()
+        errors[nb] = np.abs(out[1] - out[0])[5:-5, 20:140].mean()
+    np.testing.assert_allclose(calc["matrices"][1, 0, :, 0, 2], calc["centres_x"] * 0.04 / 0.96, atol=0.15)
+    assert errors[(4, 1)] < 1.0 < 5.0 < errors[(1, 1)]
+
+
 def test_integer_output_rounds_and_zero_fills(shifted):
     pairwise = np.tile(np.eye(3), (NZ, 1, 1))
     pairwise[1:, 0, 2] = 0.5

@@ -234,17 +234,20 @@ def _row_intervals(matrices: np.ndarray, shape: tuple[int, int], tol: float) -> 
     y = np.arange(h, dtype=np.float64)
     lo = np.full(h, -np.inf)
     hi = np.full(h, np.inf)
-    for mat in matrices.reshape(-1, 3, 3):
+    flat = matrices.reshape(-1, 3, 3)
+    for start in range(0, flat.shape[0], 256):  # batches bound the (batch, h) temporaries
+        batch = flat[start : start + 256]
         for row, size in ((0, w), (1, h)):  # sampled x in [0, w-1], sampled y in [0, h-1]
-            a, b, c = mat[row]
-            rest = b * y + c  # sampled coordinate at x = 0
-            if abs(a) < 1e-12:
-                inside = (rest >= -tol) & (rest <= size - 1 + tol)
-                lo[~inside], hi[~inside] = np.inf, -np.inf
-                continue
-            bound0, bound1 = (-tol - rest) / a, (size - 1 + tol - rest) / a
-            lo = np.maximum(lo, np.minimum(bound0, bound1))
-            hi = np.minimum(hi, np.maximum(bound0, bound1))
+            a, b, c = (batch[:, row, i, None] for i in range(3))
+            rest = b * y + c  # sampled coordinate at x = 0, shape (batch, h)
+            flat_a = np.abs(a) < 1e-12  # the sample does not depend on x: all or nothing
+            inside = (rest >= -tol) & (rest <= size - 1 + tol)
+            safe_a = np.where(flat_a, 1.0, a)
+            bound0, bound1 = (-tol - rest) / safe_a, (size - 1 + tol - rest) / safe_a
+            low = np.where(flat_a, np.where(inside, -np.inf, np.inf), np.minimum(bound0, bound1))
+            high = np.where(flat_a, np.where(inside, np.inf, -np.inf), np.maximum(bound0, bound1))
+            lo = np.maximum(lo, low.max(axis=0))
+            hi = np.minimum(hi, high.min(axis=0))
     return np.maximum(np.ceil(lo), 0), np.minimum(np.floor(hi), w - 1)
 
 

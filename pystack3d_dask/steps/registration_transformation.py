@@ -160,7 +160,7 @@ def registration_transformation(
     >>> pairwise = np.tile(np.eye(3), (3, 1, 1))
     >>> pairwise[1:, 0, 2] = 2.0  # each slice moved 2 px left of the one before
     >>> out, state = registration_transformation(np.ones((3, 8, 8), np.float32), pairwise, cropping=True)
-    >>> out.shape, state["cumulative"][2, 0, 2]
+    >>> out.shape, float(state["cumulative"][2, 0, 2])
     ((3, 8, 4), 4.0)
     """
     calc = dict(matrices) if isinstance(matrices, Mapping) else {"matrices": np.asarray(matrices)}
