@@ -28,7 +28,7 @@ def stripe_power(img: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def curtains():
-    return make_case((12, 128, 118), defects=("curtains",))  # 118 = 2 x 59: padding is used
+    return make_case((12, 128, 118), defects=("curtains",))  # 118 = 2 x 59: pad=True pads
 
 
 # -- parameters ---------------------------------------------------------------------------------
@@ -108,8 +108,9 @@ def test_cupy_backend_without_gpu_says_how_to_fix():
 
 @pytest.mark.parametrize("params", [
     {"filters": [GABOR], "maxit": 30, "cvg_threshold": 1e-3},
+    {"filters": [GABOR], "maxit": 30, "cvg_threshold": 1e-3, "pad": True},
     {"wavelet_decomposition": WAVELET},
-], ids=["vsnr", "wavelet"])
+], ids=["vsnr", "vsnr-padded", "wavelet"])
 def test_chunking_does_not_change_the_result(curtains, params):
     arr = curtains.stack
     ref = destriping(as_stack(arr, chunk_slices=len(arr)), cast=False, **params)[0].compute()
