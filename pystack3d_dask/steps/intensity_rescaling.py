@@ -14,7 +14,7 @@ Reads of the stack before the write pass:
   histogram follow exactly;
 * otherwise (uint16, float32, ...): two - the global min/max, then the
   histograms.  Exact per-value counts of 65536 values per slice would cost
-  more memory than a second read (512 MiB for 2000 slices), and a fine
+  more memory than a second read (1 GiB of counts for 2000 slices), and a fine
   histogram over the dtype's range cannot be re-binned exactly onto
   ``[min, max]``.
 
