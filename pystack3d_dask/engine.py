@@ -189,7 +189,14 @@ class Project:
     def state(self, step: str, channel: str | None = None) -> dict | None:
         """The saved global state of ``step`` (coefficients, histograms, matrices...)."""
         store = self._open_store()
-        return store.load_state(step, _state_key(get_step(step), self.config, channel or self.config.channels[0]))
+        channel = channel or self.config.channels[0]
+        spec = get_step(step)
+        state = store.load_state(step, _state_key(spec, self.config, channel))
+        if state is not None and spec.write_reduction is not None:
+            after = store.extra(store.node(step, channel))
+            if after is not None:
+                state[spec.write_reduction_key] = after
+        return state
 
     def info(self) -> dict[str, Any]:
         """Summary of the store: per step, completion, shape, chunks, dtype and statistics."""
@@ -335,6 +342,7 @@ class Project:
         store.set_info(name, hash=chain, complete=False, input=prev, params=_jsonable(params))
         previous = self._previous_states(store, name)
         inputs = {ch: self._lazy(store, prev, ch) for ch in cfg.channels}
+        input_stats = {ch: store.stats(store.node(prev, ch))[:, 3:6] for ch in cfg.channels}
         states = {}
         for ch in _state_order(step, params, cfg):
             key = _state_key(step, cfg, ch)
@@ -342,7 +350,7 @@ class Project:
                 continue
             state = store.load_state(name, key)
             if state is None:
-                ctx = self._ctx(ch, zpos_in, distributed, previous.get(ch, {}))
+                ctx = self._ctx(ch, zpos_in, distributed, previous.get(ch, {}), input_stats[ch])
                 state = step.state(inputs[ch], params, ctx)
                 store.save_state(name, key, state)
             states[key] = state
@@ -352,19 +360,25 @@ class Project:
             if "zpos" in state:
                 zpos_out = np.asarray(state["zpos"], float)
             x = inputs[ch]
-            out = step.apply(x, params, state, self._ctx(ch, zpos_in, distributed, previous.get(ch, {})))
+            out = step.apply(x, params, state,
+                             self._ctx(ch, zpos_in, distributed, previous.get(ch, {}), input_stats[ch]))
             if out is None:  # images unchanged: the result is the previous step's array
                 alias = (prev_info.get("alias") or prev)
                 continue
             cz = x.chunks[0][0]
             out = out.rechunk((cz, -1, -1))
-            node = store.create_result(name, ch, out.shape, cz, x.dtype)
+            reduction = extra = None
+            if step.write_reduction is not None:
+                reduction = step.write_reduction(state)
+                probe = reduction(np.zeros((1,) + out.shape[1:], x.dtype))
+                extra = (probe.shape[1], probe.dtype)
+            node = store.create_result(name, ch, out.shape, cz, x.dtype, extra=extra)
             done = store.done_chunks(node)
             blocks = out.to_delayed().ravel()
             for i, start in enumerate(np.cumsum((0,) + out.chunks[0][:-1])):
                 if not done[i]:
                     tasks.append(dask.delayed(write_block)(
-                        blocks[i], str(store.path), node, int(start),
+                        blocks[i], str(store.path), node, int(start), reduction,
                         dask_key_name=f"write-{name}-{channel_key(ch)}-{i}"))
                     total += out.chunks[0][i]
         execute(tasks, total=total, desc=name, distributed=distributed, quiet=self.quiet)
@@ -383,9 +397,9 @@ class Project:
                     out[ch][earlier] = state
         return out
 
-    def _ctx(self, channel: str, zpos, distributed: bool, previous: dict) -> StepContext:
+    def _ctx(self, channel: str, zpos, distributed: bool, previous: dict, input_stats) -> StepContext:
         return StepContext(channel=channel, zpos=zpos, nproc=self.config.nproc, distributed=distributed,
-                           first_index=self.config.ind_min, previous=previous)
+                           first_index=self.config.ind_min, previous=previous, input_stats=input_stats)
 
     @staticmethod
     def _lazy(store: ProjectStore, step: str, channel: str) -> da.Array:

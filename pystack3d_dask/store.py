@@ -8,6 +8,8 @@ Layout (``<output>/pystack3d_dask.zarr``)::
                             the step leaves the images unchanged)
     /<step>/<channel>       the result, (z, y, x) in the stack dtype, chunks (cz, Y, X)
     /<step>/_stats/<channel>  float64 (z, 7): raw min, max, mean; clipped min, max, mean; done
+    /<step>/_extra/<channel>  (z, m): a per-slice table computed in the write pass, for steps
+                            that declare one (e.g. the histograms after intensity_rescaling)
     /<step>/_state/<key>    the step's global state: arrays, and JSON values in the attrs
 
 ``<step>`` is ``input`` for the ingested TIFFs.  ``<channel>`` is the channel
@@ -30,7 +32,7 @@ import fcntl
 import functools
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,21 +105,24 @@ def _open_array(store_path: str, node: str) -> zarr.Array:
     return zarr.open_array(store_path, path=node, mode="r+")
 
 
-def write_block(raw: np.ndarray, store_path: str, node: str, start: int) -> int:
+def write_block(raw: np.ndarray, store_path: str, node: str, start: int,
+                reduction: Callable[[np.ndarray], np.ndarray] | None = None) -> int:
     """Write one chunk of a step's result and its statistics; the chunk's unit of completion.
 
     ``raw`` is the step's output for slices ``start:start+len(raw)`` in any
-    dtype; it is clipped and cast to the array's dtype, written, then its
-    per-slice statistics (raw and clipped) and ``done`` flags are written.
+    dtype; it is clipped and cast to the array's dtype and written; then the
+    step's ``reduction`` of the written chunk (if any), and last the per-slice
+    statistics (raw and clipped) with their ``done`` flags.
     Returns the number of slices written (for progress).
     """
     arr = _open_array(store_path, node)
-    stats = _open_array(store_path, stats_node(node))
     out = clip_cast(raw, arr.dtype)
     stop = start + out.shape[0]
     arr[start:stop] = out
+    if reduction is not None:
+        _open_array(store_path, extra_node(node))[start:stop] = reduction(out)
     table = np.column_stack([slice_stats(raw), slice_stats(out), np.ones(out.shape[0])])
-    stats[start:stop] = table
+    _open_array(store_path, stats_node(node))[start:stop] = table
     return out.shape[0]
 
 
@@ -125,6 +130,12 @@ def stats_node(node: str) -> str:
     """Statistics array of the result array ``<step>/<channel>``."""
     step, channel = node.split("/")
     return f"{step}/_stats/{channel}"
+
+
+def extra_node(node: str) -> str:
+    """Write-pass reduction array (e.g. histograms after) of the result array ``<step>/<channel>``."""
+    step, channel = node.split("/")
+    return f"{step}/_extra/{channel}"
 
 
 class ProjectStore:
@@ -173,8 +184,12 @@ class ProjectStore:
         info = self.info(step) or {}
         return f"{info.get('alias') or step}/{channel_key(channel)}"
 
-    def create_result(self, step: str, channel: str, shape: tuple[int, ...], cz: int, dtype: Any) -> str:
-        """Create (or reuse, if identical) the result and statistics arrays; return the node name."""
+    def create_result(self, step: str, channel: str, shape: tuple[int, ...], cz: int, dtype: Any,
+                      extra: tuple[int, Any] | None = None) -> str:
+        """Create (or reuse, if identical) the result and statistics arrays; return the node name.
+
+        ``extra = (width, dtype)`` also creates the ``(z, width)`` array of a write-pass reduction.
+        """
         node = f"{step}/{channel_key(channel)}"
         group = self.root.require_group(step)
         key = channel_key(channel)
@@ -184,14 +199,19 @@ class ProjectStore:
             if arr.shape == tuple(shape) and arr.chunks == chunks and arr.dtype == np.dtype(dtype):
                 return node
             del group[key]
-            if "_stats" in group and key in group["_stats"]:
-                del group["_stats"][key]
+            for sub in ("_stats", "_extra"):
+                if sub in group and key in group[sub]:
+                    del group[sub][key]
         group.create_array(key, shape=tuple(shape), chunks=chunks, dtype=dtype, compressors=COMPRESSORS,
                            fill_value=0, config=ARRAY_CONFIG)
         group.require_group("_stats").create_array(
             key, shape=(shape[0], len(STATS_COLUMNS)), chunks=(cz, len(STATS_COLUMNS)), dtype="f8",
             fill_value=np.nan, compressors=None, config=ARRAY_CONFIG,
         )
+        if extra is not None:
+            group.require_group("_extra").create_array(
+                key, shape=(shape[0], extra[0]), chunks=(cz, extra[0]), dtype=extra[1], fill_value=0,
+                compressors=COMPRESSORS, config=ARRAY_CONFIG)
         _open_array.cache_clear()
         return node
 
@@ -201,6 +221,13 @@ class ProjectStore:
     def stats(self, node: str) -> np.ndarray:
         """The ``(z, 7)`` statistics table of a result array (NaN rows not yet computed)."""
         return self.root[stats_node(node)][:]
+
+    def extra(self, node: str) -> np.ndarray | None:
+        """The write-pass reduction table of a result array, if its step has one."""
+        try:
+            return self.root[extra_node(node)][:]
+        except KeyError:
+            return None
 
     def done_chunks(self, node: str) -> np.ndarray:
         """Boolean per z chunk of ``node``: True when the chunk is written."""

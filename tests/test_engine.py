@@ -195,3 +195,18 @@ def test_output_dir_and_export(tmp_path):
     info = project.info()
     assert info["steps"]["cropping_final"]["status"] == "complete"
     assert info["steps"]["cropping_final"]["shape"] == (13, 17, 14)
+
+
+def test_write_pass_reduction_and_known_input_stats(tmp_path):
+    """Histograms after intensity_rescaling come from the write pass; min/max from the stored stats."""
+    from pystack3d_dask.kernels.histmatch import histograms
+
+    stack = random_stack((9, 16, 12), "uint16")
+    write_slices(tmp_path, stack)
+    write_params(tmp_path, 'process_steps = ["intensity_rescaling"]\n[intensity_rescaling]\nnbins = 16\n')
+    project = Project(tmp_path, quiet=True, chunk_slices=4)
+    project.run()
+    state = project.state("intensity_rescaling")
+    assert state["range_bins"] == [float(stack.min()), float(stack.max())]
+    result = project.result("intensity_rescaling").compute()
+    np.testing.assert_array_equal(state["histograms_after"], histograms(result, edges=state["edges"]))

@@ -18,8 +18,15 @@ def clip_cast(block: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
         return block
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
-        out = np.nan_to_num(block.astype(np.float64, copy=False), nan=0.0) if block.dtype.kind == "f" else block
-        return np.clip(np.rint(out) if out.dtype.kind == "f" else out, info.min, info.max).astype(dtype)
+        if block.dtype.kind != "f":
+            return np.clip(block, info.min, info.max).astype(dtype)
+        # In place on one float copy: float32 holds every uint8/uint16 value and half-integer
+        # exactly, so a float32 result is rounded without a float64 temporary.
+        work = block.astype(np.result_type(block.dtype, np.float32), copy=True)
+        np.nan_to_num(work, copy=False, nan=0.0)
+        np.clip(work, info.min, info.max, out=work)
+        np.rint(work, out=work)
+        return work.astype(dtype)
     if dtype.kind == "f":
         info = np.finfo(dtype)
         return np.clip(block, info.min, info.max).astype(dtype)

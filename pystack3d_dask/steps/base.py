@@ -54,6 +54,9 @@ class StepContext:
     #: states of the steps run before this one, by step name (e.g. the matrices
     #: of ``registration_calculation`` for ``registration_transformation``)
     previous: Mapping[str, State] = dataclasses.field(default_factory=dict)
+    #: per-slice ``(min, max, mean)`` of the input, ``(nz, 3)``, when already known (the engine
+    #: has them from the previous step's write pass): lets a step skip a min/max read
+    input_stats: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,11 @@ class Step:
     compute_state: Callable[[da.Array, Any, StepContext], State] | None = None
     #: computed once, on the reference (first) channel, and applied to every channel
     shared_state: bool = False
+    #: ``write_reduction(state) -> kernel``: a per-slice table computed from each output chunk
+    #: as written (after the dtype cast), in the writing task, e.g. the histograms after a
+    #: correction; ``kernel(block) -> (cz, m)``.  Saved as ``state[write_reduction_key]``.
+    write_reduction: Callable[[State], Callable[[np.ndarray], np.ndarray]] | None = None
+    write_reduction_key: str = "after"
 
     def params(self, table: dict | None = None, **kwargs) -> Any:
         """Build and validate this step's parameters from a TOML table or keywords."""

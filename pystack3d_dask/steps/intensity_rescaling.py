@@ -12,7 +12,9 @@ Reads of the stack before the write pass:
 * one-byte integers (uint8, int8): one - each chunk returns the exact count
   of each of the 256 values per slice, from which the global min/max and any
   histogram follow exactly;
-* otherwise (uint16, float32, ...): two - the global min/max, then the
+* in a project, one: the engine passes the input's per-slice min/max from
+  the previous step's write pass (``ctx.input_stats``);
+* otherwise (uint16, float32, ... on a bare array): two - the global min/max, then the
   histograms.  Exact per-value counts of 65536 values per slice would cost
   more memory than a second read (1 GiB of counts for 2000 slices), and a fine
   histogram over the dtype's range cannot be re-binned exactly onto
@@ -100,7 +102,7 @@ def _global_range(stack: da.Array) -> tuple[float, float]:
     return _span(*dask.compute(stack.min(), stack.max()))
 
 
-def _histograms(stack: da.Array, params: Params) -> tuple[np.ndarray, np.ndarray]:
+def _histograms(stack: da.Array, params: Params, known: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Bin edges and per-slice histograms, reading the stack once or twice (see the module docstring)."""
     if params.range_bins is None and stack.dtype.kind in "ui" and stack.dtype.itemsize == 1:
         counts = dask.compute(per_slice(stack, histmatch.value_counts, 256, np.int64))[0]
@@ -108,12 +110,19 @@ def _histograms(stack: da.Array, params: Params) -> tuple[np.ndarray, np.ndarray
         present = values[counts.sum(axis=0) > 0]
         edges = histmatch.bin_edges(*_span(present[0], present[-1]), params.nbins)
         return edges, histmatch.rebin(counts, values, edges)
-    edges = histmatch.bin_edges(*(params.range_bins or _global_range(stack)), params.nbins)
+    if params.range_bins is not None:
+        span = params.range_bins
+    elif known is not None and np.isfinite(known[:, :2]).any():
+        # the engine knows every slice's min/max from the previous write pass: no extra read
+        span = _span(np.nanmin(known[:, 0]), np.nanmax(known[:, 1]))
+    else:
+        span = _global_range(stack)
+    edges = histmatch.bin_edges(*span, params.nbins)
     return edges, dask.compute(per_slice(stack, histmatch.histograms, params.nbins, np.int64, edges=edges))[0]
 
 
 def compute_state(stack: da.Array, params: Params, ctx: StepContext) -> State:
-    edges, hists = _histograms(stack, params)
+    edges, hists = _histograms(stack, params, ctx.input_stats)
     lo, hi = float(edges[0]), float(edges[-1])
     empty = np.flatnonzero(hists.sum(axis=1) == 0)
     if empty.size:
@@ -140,9 +149,6 @@ def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da
     return map_slices(stack, _match_rows, table, edges=edges)
 
 
-STEP = Step(name=SECTION, Params=Params, apply=apply, compute_state=compute_state)
-
-
 #: state key of the per-slice table computed in the write pass (see :func:`write_reduction`)
 WRITE_REDUCTION_KEY = "histograms_after"
 
@@ -156,6 +162,10 @@ def write_reduction(state: State) -> Callable[[np.ndarray], np.ndarray]:
     carries only the bin edges, not the whole state.
     """
     return functools.partial(histmatch.histograms, edges=np.asarray(state["edges"], np.float64))
+
+
+STEP = Step(name=SECTION, Params=Params, apply=apply, compute_state=compute_state,
+            write_reduction=write_reduction, write_reduction_key=WRITE_REDUCTION_KEY)
 
 
 def histograms_after(result, state: State) -> da.Array:
