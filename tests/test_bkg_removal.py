@@ -14,6 +14,7 @@ from pystack3d_dask.kernels.polyfit import (
     parse_basis,
     robust_fit,
     sample_coordinates,
+    sample_sums,
 )
 from pystack3d_dask.steps.base import StepContext, as_stack
 from pystack3d_dask.steps.bkg_removal import STEP, Params, bkg_removal
@@ -79,6 +80,22 @@ def test_old_threshold_key_and_defaults():
     assert p.threshold_min == 5.0 and p.fit_dim == 2 and p.skip_factors == (10, 10, 10)
     assert not p.cross_terms and p.weight_func == "HuberT" and not p.preserve_avg
     assert build_params(Params, {"poly_basis": "1 + x"}, section="bkg_removal").fit_dim == 3
+
+
+# -- sampling ----------------------------------------------------------------------------------
+def test_samples_are_block_means_of_valid_pixels_at_block_centres():
+    img = np.random.default_rng(2).integers(0, 10, (2, 7, 5)).astype(np.float32)
+    img[0, 0, 0] = np.nan
+    sums = sample_sums(img, skip_yx=(3, 2), averaging=True, threshold_max=8)
+    assert sums.shape == (2, 3, 3, 2)
+    for k, r, c in np.ndindex(2, 3, 3):
+        block = img[k, 3 * r : 3 * r + 3, 2 * c : 2 * c + 2]
+        valid = block[np.isfinite(block) & (block <= 8)]
+        assert sums[k, r, c, 1] == valid.size and sums[k, r, c, 0] == pytest.approx(valid.sum())
+    picked = sample_sums(img, skip_yx=(3, 2), averaging=False, threshold_max=8)
+    np.testing.assert_array_equal(picked[..., 1], np.isfinite(img[:, ::3, ::2]) & (img[:, ::3, ::2] <= 8))
+    np.testing.assert_allclose(sample_coordinates(7, 3, averaging=True), np.array([1, 4, 6]) / 6)
+    np.testing.assert_allclose(sample_coordinates(7, 3, averaging=False), np.array([0, 3, 6]) / 6)
 
 
 # -- the robust fit ----------------------------------------------------------------------------

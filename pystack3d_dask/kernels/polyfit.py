@@ -211,6 +211,16 @@ def valid_mask(block: np.ndarray, threshold_min: float | None, threshold_max: fl
     return valid
 
 
+def bin_sums(a: np.ndarray, size: int, *, axis: int = 0) -> np.ndarray:
+    """float64 sums of consecutive groups of ``size`` along ``axis`` (the last group may be shorter)."""
+    a = np.moveaxis(a, axis, 0)
+    full = len(a) - len(a) % size
+    out = a[:full].reshape(full // size, size, *a.shape[1:]).sum(axis=1, dtype=np.float64)
+    if full < len(a):
+        out = np.concatenate([out, a[full:].sum(axis=0, dtype=np.float64)[None]])
+    return np.moveaxis(out, 0, axis)
+
+
 def sample_sums(
     block: np.ndarray,
     *,
@@ -229,18 +239,18 @@ def sample_sums(
         over several slices add up, so blocks along z are formed afterwards.
     """
     sy, sx = skip_yx
-    rows, cols = np.arange(0, block.shape[1], sy), np.arange(0, block.shape[2], sx)
-    out = np.zeros((block.shape[0], rows.size, cols.size, 2))
+    out = np.zeros((block.shape[0], -(-block.shape[1] // sy), -(-block.shape[2] // sx), 2))
     for k, img in enumerate(block):  # slice by slice: temporaries stay one slice large
         if not averaging:
             img = img[::sy, ::sx]
         valid = valid_mask(img, threshold_min, threshold_max)
-        values = np.where(valid, img, 0).astype(np.float64, copy=False)
+        values = img if valid.all() else np.where(valid, img, 0)
         if averaging:
-            values = np.add.reduceat(np.add.reduceat(values, rows, axis=0), cols, axis=1)
-            valid = np.add.reduceat(np.add.reduceat(valid.astype(np.float64), rows, axis=0), cols, axis=1)
-        out[k, ..., 0] = values
-        out[k, ..., 1] = valid
+            out[k, ..., 0] = bin_sums(bin_sums(values, sy, axis=0), sx, axis=1)
+            out[k, ..., 1] = bin_sums(bin_sums(valid, sy, axis=0), sx, axis=1)
+        else:
+            out[k, ..., 0] = values
+            out[k, ..., 1] = valid
     return out
 
 
@@ -323,18 +333,31 @@ def _parts(n: int, width: int) -> Iterator[slice]:
 
 
 def _preconditioner(design: Design, n: int, terms: Sequence[Term]) -> np.ndarray:
-    """``inv(R)`` from a QR of the design (on evenly spread rows when there are many).
+    """A matrix ``P`` such that ``X @ P`` has nearly orthonormal columns.
 
-    ``X @ inv(R)`` has nearly orthogonal columns, so the normal equations built
-    from it are well conditioned whatever the basis (monomials on [0, 1] are not).
+    Monomials on [0, 1] are far from orthogonal, so the fit solves its normal
+    equations in the basis ``X @ P``, which are then well conditioned.  ``P``
+    comes from a Cholesky factor of the column-scaled Gram matrix (cheap, and
+    accurate enough to precondition); a QR of the design decides when that
+    factor is doubtful (collinear columns) and raises if the basis is
+    rank-deficient on the samples.
     """
     p = len(terms)
-    rows = np.arange(0, n, max(1, n // 2**16))
-    r = np.linalg.qr(design(rows), mode="r")
-    if len(rows) < n and np.linalg.matrix_rank(r) < p:  # the spread rows may miss a direction
-        r = np.zeros((0, p))
-        for part in _parts(n, p):
-            r = np.linalg.qr(np.vstack([r, design(part)]), mode="r")
+    gram = np.zeros((p, p))
+    for part in _parts(n, p):
+        x = design(part)
+        gram += x.T @ x
+    scale = 1 / np.sqrt(np.where(np.diag(gram) > 0, np.diag(gram), 1.0))
+    try:
+        r = np.linalg.cholesky(gram * np.outer(scale, scale)).T
+        pivots = np.abs(np.diag(r))
+        if pivots.min() > 1e-6 * pivots.max():
+            return scale[:, None] * solve_triangular(r, np.eye(p))
+    except np.linalg.LinAlgError:
+        pass
+    r = np.zeros((0, p))
+    for part in _parts(n, p):
+        r = np.linalg.qr(np.vstack([r, design(part) * scale]), mode="r")
     rank = np.linalg.matrix_rank(r)
     if rank < p:
         raise StepError(
@@ -342,7 +365,7 @@ def _preconditioner(design: Design, n: int, terms: Sequence[Term]) -> np.ndarray
             f"(rank {rank} < {p}): too few sampled rows, columns or slices for the orders; "
             "lower the orders or the skip_factors"
         )
-    return solve_triangular(r, np.eye(p))
+    return scale[:, None] * solve_triangular(r, np.eye(p))
 
 
 def _weighted_lstsq(
@@ -463,11 +486,6 @@ def _powers(n: int, top: int) -> np.ndarray:
     return coordinates(n)[None, :] ** np.arange(top + 1)[:, None]
 
 
-def evaluate(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """``sum(A[j, i] * y**j * x**i)`` on the pixel grid of ``shape = (H, W)``, float64."""
-    return _powers(shape[0], a.shape[0] - 1).T @ (a @ _powers(shape[1], a.shape[1] - 1))
-
-
 def moments(
     block: np.ndarray,
     *,
@@ -525,10 +543,16 @@ def remove_background(
         float32 (float64 for float64 input), shape of ``block``.
     """
     out = np.empty(block.shape, np.result_type(block.dtype, np.float32))
-    thresholded = threshold_min is not None or threshold_max is not None
     for k, img in enumerate(block):
-        corrected = img - (evaluate(xy_coefficients(table[k, 2:], terms, table[k, 0]), img.shape) - table[k, 1])
-        if thresholded:
-            corrected = np.where(valid_mask(img, threshold_min, threshold_max), corrected, img)
-        out[k] = corrected
+        a = xy_coefficients(table[k, 2:], terms, table[k, 0])
+        a[0, 0] -= table[k, 1]
+        # separable: background = sum_j y**j * (sum_i A[j, i] x**i), one (y, x) pass per power of y
+        rows = _powers(img.shape[0], a.shape[0] - 1).T.astype(out.dtype)
+        # (a tiny product: broadcasting, not BLAS, whose threads cost more than the work here)
+        cols = (a[:, :, None] * _powers(img.shape[1], a.shape[1] - 1)).sum(axis=1).astype(out.dtype)
+        np.subtract(img, cols[0], out=out[k])
+        for j in range(1, len(cols)):
+            out[k] -= np.multiply.outer(rows[:, j], cols[j])
+        if threshold_min is not None or threshold_max is not None:
+            np.copyto(out[k], img, where=~valid_mask(img, threshold_min, threshold_max))
     return out

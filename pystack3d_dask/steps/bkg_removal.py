@@ -45,6 +45,7 @@ from pystack3d_dask.kernels.polyfit import (
     Samples,
     Term,
     basis_from_orders,
+    bin_sums,
     coordinates,
     moments,
     parse_basis,
@@ -136,17 +137,13 @@ def _sample_sums(stack: da.Array, params: Params) -> da.Array:
     )
 
 
-def _add_groups(block: np.ndarray, *, size: int) -> np.ndarray:
-    return np.add.reduceat(block, np.arange(0, len(block), size), axis=0)
-
-
 def _sum_z_blocks(sums: da.Array, size: int) -> da.Array:
     """Add the per-slice sums by blocks of ``size`` slices (chunks realigned on the blocks)."""
     n = sums.shape[0]
     target = size * max(1, round(max(sums.chunks[0]) / size))
     chunks = (target,) * (n // target) + ((n % target,) if n % target else ())
     sums = sums.rechunk({0: chunks})
-    return sums.map_blocks(_add_groups, size=size, chunks=(tuple(-(-c // size) for c in chunks),) + sums.chunks[1:],
+    return sums.map_blocks(bin_sums, size, chunks=(tuple(-(-c // size) for c in chunks),) + sums.chunks[1:],
                            dtype=sums.dtype)
 
 

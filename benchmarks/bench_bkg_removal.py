@@ -1,0 +1,153 @@
+"""bkg_removal: throughput relative to a plain read, and the 3-D fit's peak memory at 1x and 4x slices.
+
+Run: ``python benchmarks/bench_bkg_removal.py [--shape 64 1024 1024] [--repeat 2]``
+
+A synthetic uint8 stack with the x*y*z background defect, ``4 x Z`` slices, is
+written once to a temporary Zarr v3 store (project chunking and compressor).
+Then, in this one run, on the threaded scheduler:
+
+* ``read``: every chunk of the first ``Z`` slices read and touched;
+* each configuration: its state (the fit) plus its result cast to uint8 and
+  touched chunk by chunk (not written); MiB/s of input and ratio to ``read``;
+  also the float32 result alone (the engine's cast to uint8 is part of the result);
+* the 3-D fit (``compute_state`` only) on the first ``Z`` and on all ``4 Z``
+  slices, each in a fresh interpreter: peak RSS of the process tree, and the
+  tracemalloc peaks (numpy buffers included) of its two phases: reading the
+  samples chunk by chunk (bounded by the chunks in flight) and fitting (the
+  gathered samples and the IRLS arrays: this one grows with the stack).
+  PyStack3D's 3-D fit holds about 1 kB per sampled voxel.
+
+Timings vary by 10-15 % from run to run on a shared machine: compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import mib, run_python  # noqa: E402
+
+from pystack3d_dask.steps.base import default_chunk_slices  # noqa: E402
+from pystack3d_dask.steps.bkg_removal import bkg_removal  # noqa: E402
+from pystack3d_dask.store import COMPRESSORS  # noqa: E402
+from pystack3d_dask.synthetic import SyntheticCase  # noqa: E402
+
+CONFIGS = {
+    "dim 3, orders (1,1,1) cross, skip 10": {"orders": (1, 1, 1), "cross_terms": True},
+    "dim 3, orders (2,2,2) cross, skip 5": {"orders": (2, 2, 2), "cross_terms": True, "skip_factors": (5, 5, 5)},
+    "dim 3, skip 10 averaged, preserve_avg": {"orders": (1, 1, 1), "cross_terms": True, "skip_averaging": True,
+                                              "preserve_avg": True, "threshold_min": 5.0},
+    "dim 2, orders (2,2) cross, skip 10": {"orders": (2, 2), "cross_terms": True},
+}
+#: the 3-D fit whose memory is measured (PyStack3D's documented example uses skip 5)
+MEMORY_PARAMS = {"orders": (1, 1, 1), "cross_terms": True, "skip_factors": (5, 5, 5)}
+
+CHILD = """
+import json, sys, tracemalloc
+import dask, dask.array as da, zarr
+from pystack3d_dask.steps.base import StepContext
+from pystack3d_dask.steps.bkg_removal import STEP
+z = zarr.open_array(sys.argv[1], mode="r")
+x = da.from_zarr(z, chunks=z.chunks)[: int(sys.argv[2])]
+params = STEP.params(json.loads(sys.argv[3]))
+compute, marks = dask.compute, {}
+def compute_then_mark(*args, **kwargs):  # splits the read phase from the fit phase
+    out = compute(*args, **kwargs)
+    marks["read_peak"] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    return out
+dask.compute = compute_then_mark
+tracemalloc.start()
+with dask.config.set(scheduler="threads"):
+    STEP.state(x, params, StepContext())
+marks["fit_peak"] = tracemalloc.get_traced_memory()[1]
+print(json.dumps(marks))
+"""
+
+
+def write_stack(path: str, shape: tuple[int, int, int]) -> da.Array:
+    """Stream the synthetic background case into a Zarr array; return it as a dask array."""
+    cz = default_chunk_slices(shape, np.uint8)
+    arr = zarr.create_array(path, shape=shape, chunks=(cz,) + shape[1:], dtype=np.uint8, compressors=COMPRESSORS)
+    case = SyntheticCase(shape, defects=("background",))
+    for start in range(0, shape[0], cz):
+        arr[start : start + cz] = np.stack([case.defect_slice(j) for j in range(start, min(start + cz, shape[0]))])
+    return da.from_zarr(arr, chunks=arr.chunks)
+
+
+def _touch(block: np.ndarray) -> np.ndarray:
+    return np.array([[[block.reshape(-1)[-1]]]], dtype=np.float64)
+
+
+def drain(x: da.Array) -> None:
+    """Compute every chunk of ``x`` without gathering it."""
+    x.map_blocks(_touch, chunks=(1, 1, 1), dtype=np.float64).compute()
+
+
+def best(func, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def samples(shape: tuple[int, int, int], skip: tuple[int, int, int]) -> int:
+    """Sampled voxels of the 3-D fit (skip = (sx, sy, sz))."""
+    return math.prod(math.ceil(n / s) for n, s in zip(shape, skip[::-1]))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=(64, 1024, 1024), metavar=("Z", "Y", "X"))
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args(argv)
+    nz, h, w = args.shape
+    with tempfile.TemporaryDirectory() as tmp, dask.config.set(scheduler="threads"):
+        store = f"{tmp}/stack.zarr"
+        full = write_stack(store, (4 * nz, h, w))
+        x = full[:nz]
+        size = mib(x.nbytes)
+        print(f"stack ({nz}, {h}, {w}) uint8 = {size:.0f} MiB, chunks of {x.chunks[0][0]} slices, "
+              f"{dask.system.CPU_COUNT} threads, best of {args.repeat}")
+        read = best(lambda: drain(x), args.repeat)
+        print(f"{'read':42s} {read:7.2f} s {size / read:8.1f} MiB/s  ratio to read 1.00")
+        for name, params in CONFIGS.items():
+            fit = best(lambda: bkg_removal(x, **params), args.repeat)  # the result is lazy: state only
+            state = bkg_removal(x, **params)[1]
+            result = best(lambda: drain(bkg_removal(x, state=state, **params)[0]), args.repeat)
+            floats = best(lambda: drain(bkg_removal(x, state=state, cast=False, **params)[0]), args.repeat)
+            total = fit + result
+            print(f"{name:42s} {total:7.2f} s {size / total:8.1f} MiB/s  ratio to read {read / total:5.2f}"
+                  f"  (fit {fit:.2f} s, result {result:.2f} s, float32 before the cast {floats:.2f} s)")
+
+        skip = MEMORY_PARAMS["skip_factors"]
+        runs = {}
+        for scale in (1, 4):
+            n = samples((scale * nz, h, w), skip)
+            seconds, rss, out = run_python(CHILD, store, str(scale * nz), json.dumps(MEMORY_PARAMS))
+            marks = json.loads(out.strip().splitlines()[-1])
+            runs[scale] = (n, rss, marks["fit_peak"])
+            print(f"3-D fit {MEMORY_PARAMS} on {scale * nz} slices, {n} sampled voxels: {seconds:.1f} s, "
+                  f"peak RSS {mib(rss):.0f} MiB; traced peaks: reading {mib(marks['read_peak']):.0f} MiB, "
+                  f"fitting {mib(marks['fit_peak']):.0f} MiB")
+        (n1, rss1, fit1), (n4, rss4, fit4) = runs[1], runs[4]
+        print(f"peak RSS at 4x / at 1x: {rss4 / rss1:.2f}; fit memory per extra sampled voxel: "
+              f"{(fit4 - fit1) / (n4 - n1):.0f} B traced, {(rss4 - rss1) / (n4 - n1):.0f} B RSS "
+              "(target <= 64 B; PyStack3D ~1000 B)")
+
+if __name__ == "__main__":
+    main()
