@@ -17,8 +17,9 @@ Conventions (used by :mod:`pystack3d_dask.steps.bkg_removal`)
 * The robust fit is the iteratively reweighted least squares of
   ``statsmodels.robust.RLM.fit`` with its defaults (scale = MAD of the
   residuals about 0, updated every iteration; stop when the deviance changes by
-  at most ``1e-8`` or after 50 fits), solved by a blocked QR so the design
-  matrix never exists in full.
+  at most ``1e-8`` or after 50 fits).  Each weighted least squares is solved
+  from normal equations accumulated block by block in a preconditioned basis
+  (see :func:`_preconditioner`), so the design matrix never exists in full.
 """
 
 from __future__ import annotations
