@@ -114,8 +114,8 @@ class Params:
     #: where VSNR runs: our code on the CPU or a GPU, or the pyvsnr package
     backend: Literal["numpy", "cupy", "pyvsnr"] = "numpy"
     #: pad slices to fast FFT sizes (kernels.vsnr.fast_shape): ~25 % faster on sizes with large
-    #: prime factors (1024 x 904), but no longer pyvsnr's result: about 1 grey level off in the
-    #: outer pixels, and with early stopping a slice may stop one iteration apart
+    #: prime factors (1024 x 904), but no longer pyvsnr's result near the edges (up to a few grey
+    #: levels in the outer columns), and with early stopping a slice may stop an iteration apart
     pad: bool = False
 
     def __post_init__(self):
@@ -260,8 +260,8 @@ def destriping(stack, **params) -> tuple[da.Array, dict]:
         or through pyvsnr (``pip install pystack3d-dask[pyvsnr]``).
     pad : bool, default False
         Pad slices to fast FFT sizes: faster on awkward sizes, but the result
-        departs from pyvsnr's near the edges (and by one iteration at most
-        with early stopping).
+        departs from pyvsnr's near the edges (and early stopping may end an
+        iteration apart).
     zpos, channel, nproc, state, cast :
         See :func:`pystack3d_dask.steps.base.run_step`.
 
