@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import tomllib
 import warnings
 
 import dask
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from pystack3d_dask.config import tomllib  # tomli before Python 3.11
 from pystack3d_dask.errors import ConfigError, StepError
 from pystack3d_dask.steps.base import as_stack
 from pystack3d_dask.steps.destriping import STEP, destriping

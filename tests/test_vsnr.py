@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from pystack3d_dask.kernels.vsnr import fast_shape, stripe_spectrum, filter_key, vsnr
+from pystack3d_dask.kernels.vsnr import fast_shape, filter_key, stripe_spectrum, vsnr
 
 GABOR = {"name": "Gabor", "noise_level": 20, "sigma": (0.5, 200), "theta": 0}
 #: PyStack3D's docstring example: two tilted Gabors, plus a Dirac for white noise
@@ -28,8 +30,6 @@ def striped(shape, seed=0, amplitude=20.0) -> np.ndarray:
 def pyvsnr_ref(img, filters, maxit, cvg_threshold=0.0):
     """pyvsnr's result and iteration count, one slice, the way PyStack3D calls it."""
     pyvsnr = pytest.importorskip("pyvsnr")
-    import sys
-
     try:
         out, crit = pyvsnr.vsnr2d(img.copy(), [dict(f) for f in filters], maxit=maxit, algo="numpy",
                                   norm=False, cvg_threshold=cvg_threshold, return_cvg=True)
