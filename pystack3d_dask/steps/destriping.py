@@ -168,7 +168,8 @@ def _vsnr_cupy(block: np.ndarray, **kw) -> np.ndarray:
 
     # one chunk at a time on the device: a batch fills it, and threads must not stack batches
     with _GPU_LOCK:
-        free = cupy.cuda.runtime.memGetInfo()[0]
+        # memory the driver has free plus what CuPy's pool holds from the previous chunk
+        free = cupy.cuda.runtime.memGetInfo()[0] + cupy.get_default_memory_pool().free_bytes()
         per_slice = _GPU_ARRAYS_PER_SLICE * 4 * block.shape[1] * block.shape[2]
         batch = max(1, min(block.shape[0], int(0.8 * free) // per_slice))
         return vsnr(block, xp=cupy, batch=batch, **kw)
