@@ -46,7 +46,7 @@ transformation = "TRANSLATION"
 
 [registration_transformation]
 mode = "edge"
-subpixel = true
+subpixel = false   # the known shifts are whole pixels: drop the sub-pixel noise of each pair
 
 [destriping]
 maxit = 50
@@ -62,7 +62,7 @@ area = [{b}, {xb}, {b}, {yb}]
 """
 
 #: the order PyStack3D's synthetic example uses
-DEMO_STEPS = ("cropping", "bkg_removal", "intensity_rescaling_area", "registration_calculation",
+DEMO_STEPS = ("cropping", "intensity_rescaling_area", "bkg_removal", "registration_calculation",
               "registration_transformation", "destriping", "resampling", "cropping_final")
 
 

@@ -89,7 +89,7 @@ def compare(
             a, b = _center(np.nan_to_num(img), shape), _center(ref, shape)
             diff = a - b
             sq += float(np.sum(diff**2))
-            trend += float(np.sum(ndimage.gaussian_filter(diff, max(2.0, min(shape) / 16)) ** 2))
+            trend += float(np.sum(ndimage.gaussian_filter(diff, max(2.0, min(shape) / 6)) ** 2))
             count += diff.size
             means.append((a.mean(), b.mean()))
             stds.append(a.std() / max(b.std(), 1e-9) - 1)
