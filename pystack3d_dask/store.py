@@ -121,7 +121,9 @@ def write_block(raw: np.ndarray, store_path: str, node: str, start: int,
     arr[start:stop] = out
     if reduction is not None:
         _open_array(store_path, extra_node(node))[start:stop] = reduction(out)
-    table = np.column_stack([slice_stats(raw), slice_stats(out), np.ones(out.shape[0])])
+    raw_stats = slice_stats(raw)
+    out_stats = raw_stats if out is raw else slice_stats(out)  # no cast (e.g. ingest): one pass
+    table = np.column_stack([raw_stats, out_stats, np.ones(out.shape[0])])
     _open_array(store_path, stats_node(node))[start:stop] = table
     return out.shape[0]
 
