@@ -8,13 +8,16 @@ along z), so every pair is computed exactly once whatever the chunking.
 The step computes its state once, on the reference channel, and leaves the
 images unchanged; ``registration_transformation`` applies the matrices to
 every channel.  pystackreg holds the GIL, so without a ``distributed`` client
-the pairs run in ``nproc`` processes.
+the pairs run in a pool of ``nproc`` processes, started on first use and kept
+for the session.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import dask
 import dask.array as da
@@ -81,6 +84,25 @@ def _chunk_matrices(block: np.ndarray, params: Params, origin: tuple[int, int], 
     )
 
 
+#: worker pools by size, kept for the session: starting processes costs ~0.5 s per call
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _compute_in_processes(matrices: da.Array, nproc: int) -> np.ndarray:
+    """Compute ``matrices`` in a pool of ``nproc`` processes, one task at a time per worker."""
+    pool = _POOLS.get(nproc)
+    if pool is None:
+        pool = _POOLS[nproc] = ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        # chunksize=1: dask's default batches of tasks leave one worker idle at the end
+        (mats,) = dask.compute(matrices, scheduler="processes", pool=pool, chunksize=1)
+    except BaseException:
+        del _POOLS[nproc]  # a worker may have died: start afresh next time
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return mats
+
+
 def _client():
     """The default ``distributed`` client, or None (then the local schedulers run the graph)."""
     try:
@@ -94,15 +116,15 @@ def _client():
 def pairwise_matrices(stack: da.Array, params: Params, ctx: StepContext, *, workers: int = 1) -> da.Array:
     """Lazy ``(nz, ny, nx, 3, 3)`` pairwise matrices of ``stack``.
 
-    With several workers, the registration area is cut into at least
-    ``4 * workers`` chunks so that every worker gets pairs to register (the
-    result does not depend on the chunking).
+    With several workers, the registration area is cut into about
+    ``16 * workers`` chunks so that the workers finish together (a chunk only
+    adds one slice of overlap; the result does not depend on the chunking).
     """
     rows, cols = area_slices(params.area, stack.shape[1:], key=f"[{SECTION}] area")
     sub = stack[:, rows, cols]
     _check_blocks(params.nb_blocks, sub.shape[1:])
     if workers > 1:
-        sub = sub.rechunk((max(1, min(max(sub.chunks[0]), -(-sub.shape[0] // (4 * workers)))), -1, -1))
+        sub = sub.rechunk((max(1, min(max(sub.chunks[0]), -(-sub.shape[0] // (16 * workers)))), -1, -1))
     nx, ny = params.nb_blocks
     overlapped = da.overlap.overlap(sub, depth={0: (1, 0), 1: 0, 2: 0}, boundary="none")
     kernel = functools.partial(
@@ -123,7 +145,7 @@ def compute_state(stack: da.Array, params: Params, ctx: StepContext) -> State:
     matrices = pairwise_matrices(stack, params, ctx, workers=workers)
     if client is None and not ctx.distributed and ctx.nproc > 1:
         # pystackreg holds the GIL: threads would not register pairs side by side
-        (mats,) = dask.compute(matrices, scheduler="processes", num_workers=ctx.nproc)
+        mats = _compute_in_processes(matrices, ctx.nproc)
     else:
         (mats,) = dask.compute(matrices)
     rows, cols = area_slices(params.area, stack.shape[1:], key=f"[{SECTION}] area")
