@@ -101,8 +101,9 @@ def check_writable(folder: Path) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _open_array(store_path: str, node: str) -> zarr.Array:
-    # Cached per process: a worker writing many chunks of one array opens it once.
-    return zarr.open_array(store_path, path=node, mode="r+")
+    # Cached per process: a worker writing many chunks of one array opens it once.  The
+    # array config is a runtime setting, not stored: give it again on every open.
+    return zarr.open_array(store_path, path=node, mode="r+").with_config(ARRAY_CONFIG)
 
 
 def write_block(raw: np.ndarray, store_path: str, node: str, start: int,

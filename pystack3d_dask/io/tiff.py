@@ -163,18 +163,22 @@ def read_slices(source: ChannelSource, start: int, stop: int) -> np.ndarray:
     if source.pages is None:
         for i, path in enumerate(source.files[start:stop]):
             try:
-                img = tifffile.imread(path)
+                with tifffile.TiffFile(path) as tif:
+                    page = tif.pages[0]
+                    if page.shape != source.shape or page.dtype != source.dtype:
+                        raise InputError(f"{path} is {page.shape[-1]} x {page.shape[0]} px {page.dtype}, "
+                                         f"expected {source.shape[1]} x {source.shape[0]} px {source.dtype}.")
+                    page.asarray(out=out[i])  # decode in place: no second copy
+            except InputError:
+                raise
             except Exception as exc:
                 raise InputError(f"cannot read TIFF {path}: {exc}") from None
-            if img.shape != source.shape:
-                raise InputError(f"{path} decodes to shape {img.shape}, expected {source.shape}.")
-            out[i] = img
         return out
     path = source.files[0]
     with tifffile.TiffFile(path) as tif:
         for i, p in enumerate(source.pages[start:stop]):
             try:
-                out[i] = tif.pages[p].asarray()
+                tif.pages[p].asarray(out=out[i])
             except Exception as exc:
                 raise InputError(f"cannot read page {p} of TIFF {path}: {exc}") from None
     return out

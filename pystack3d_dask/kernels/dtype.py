@@ -52,5 +52,7 @@ def slice_stats(block: np.ndarray) -> np.ndarray:
         return out
     out[:, 0] = flat.min(axis=1)
     out[:, 1] = flat.max(axis=1)
-    out[:, 2] = flat.mean(axis=1, dtype=np.float64)
+    # an exact integer sum is faster than a float64 mean and cannot overflow for 8/16-bit slices
+    acc = np.uint64 if flat.dtype.kind == "u" else np.int64
+    out[:, 2] = flat.sum(axis=1, dtype=acc) / flat.shape[1]
     return out
