@@ -5,6 +5,7 @@
     pystack3d-dask run PATH [--steps S ...] [--force S ...] [--cluster local|ADDRESS] [--output DIR]
     pystack3d-dask demo [DIR] [--shape N,H,W]
     pystack3d-dask info PATH
+    pystack3d-dask plot PATH [--step S ...] [--channel C] [--out DIR]
     pystack3d-dask export PATH --step S [--channel C] --format tiff OUT
 """
 
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cluster", help='"threads", "local" or a scheduler address (overrides [cluster])')
     run.add_argument("--output", help="folder for the store (default: the project folder)")
     run.add_argument("--chunk-mib", type=float, default=32.0, help="target chunk size (MiB)")
+    run.add_argument("--no-plots", action="store_true", help="skip the figures of the steps computed")
 
     demo = sub.add_parser("demo", help="run the chain on a built-in synthetic stack with ground truth")
     demo.add_argument("dir", nargs="?", default="pystack3d_dask_demo")
@@ -51,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="steps done, shapes, chunks, dtype, statistics")
     info.add_argument("path")
     info.add_argument("--output", help="folder holding the store, if not the project folder")
+
+    plot = sub.add_parser("plot", help="figures of steps: statistics, state, cut-planes (PNG)")
+    plot.add_argument("path")
+    plot.add_argument("--step", nargs="+", help="steps to plot (default: every complete step)")
+    plot.add_argument("--channel")
+    plot.add_argument("--out", help="folder for the PNG files (default: beside the store)")
+    plot.add_argument("--output", help="folder holding the store, if not the project folder")
 
     export = sub.add_parser("export", help="write a step's result as a TIFF folder (Fiji opens it)")
     export.add_argument("path")
@@ -87,6 +96,11 @@ def _run(args) -> int:
     done = [f"{name} ({report.seconds.get(name, 0):.1f} s)" for name in report.done]
     print(f"computed: {', '.join(done) or 'nothing'}")
     print(f"store: {project.store_path}")
+    if not args.no_plots and report.done:
+        from pystack3d_dask.report import plot_step
+
+        paths = [p for step in report.done for p in plot_step(project, step)]
+        print(f"figures: {paths[0].parent} ({len(paths)} PNG files)")
     return 0
 
 
@@ -104,6 +118,18 @@ def _info(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from pystack3d_dask.engine import Project
+    from pystack3d_dask.report import plot_step
+
+    project = Project(args.path, output_dir=args.output)
+    steps = args.step or [s for s, e in project.info()["steps"].items() if e["status"] == "complete"]
+    for step in steps:
+        for path in plot_step(project, step, channel=args.channel, folder=args.out):
+            print(path)
+    return 0
+
+
 def _export(args) -> int:
     from pystack3d_dask.engine import Project
 
@@ -112,7 +138,7 @@ def _export(args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _run, "demo": _demo, "info": _info, "export": _export}
+_COMMANDS = {"run": _run, "demo": _demo, "info": _info, "plot": _plot, "export": _export}
 
 if __name__ == "__main__":
     sys.exit(main())
