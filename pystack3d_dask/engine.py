@@ -284,9 +284,8 @@ class Project:
                 if done[i]:
                     continue
                 stop = min(start + cz, shape[0])
-                block = dask.delayed(read_slices)(src, start, stop, dask_key_name=f"read-{src.channel}-{i}")
-                tasks.append(dask.delayed(write_block)(block, str(store.path), node, start,
-                                                       dask_key_name=f"write-input-{src.channel}-{i}"))
+                tasks.append(dask.delayed(_ingest_chunk)(src, start, stop, str(store.path), node,
+                                                         dask_key_name=f"write-input-{src.channel}-{i}"))
                 total += stop - start
         execute(tasks, total=total, desc="ingest", distributed=distributed, quiet=self.quiet)
         store.set_info(INPUT, complete=True)
@@ -405,6 +404,11 @@ class Project:
     def _lazy(store: ProjectStore, step: str, channel: str) -> da.Array:
         arr = store.array(store.node(step, channel))
         return da.from_zarr(arr, chunks=arr.chunks)
+
+
+def _ingest_chunk(source: ChannelSource, start: int, stop: int, store_path: str, node: str) -> int:
+    # Read and write in one task: the chunk never waits in memory between two tasks.
+    return write_block(read_slices(source, start, stop), store_path, node, start)
 
 
 def _state_order(step, params, cfg: ProjectConfig) -> list[str]:

@@ -1,4 +1,10 @@
-"""Run a list of write tasks on the active scheduler with a progress bar in slices/s."""
+"""Run a list of write tasks on the active scheduler with a progress bar in slices/s.
+
+Tasks run through a bounded window, in chunk order: at most a few chunks per
+worker are in flight at any time, so memory stays ``workers x chunk x a small
+factor`` whatever the number of slices (a single ``dask.compute`` of every
+task lets the reads run ahead of the writes and hold many chunks at once).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import dask
 from dask.callbacks import Callback
 from dask.delayed import Delayed
+
+
+#: chunks in flight per worker thread
+WINDOW_PER_WORKER = 3
 
 
 class _SliceCounter(Callback):
@@ -43,10 +53,13 @@ def execute(tasks: Sequence[Delayed], *, total: int, desc: str, distributed: boo
             return
         # Our own pool, so that on an error we can wait for the tasks still running: nothing
         # may write into the store after we return (the caller may roll the step back).
-        pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or os.cpu_count())
+        workers = dask.config.get("num_workers", None) or os.cpu_count()
+        pool = ThreadPoolExecutor(workers)
+        window = WINDOW_PER_WORKER * workers
         try:
             with _SliceCounter({t.key for t in tasks}, bar):
-                dask.compute(*tasks, pool=pool)
+                for i in range(0, len(tasks), window):
+                    dask.compute(*tasks[i : i + window], pool=pool)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -55,10 +68,17 @@ def _execute_distributed(tasks: Sequence[Delayed], bar, *, drain_timeout: float 
     from distributed import as_completed, get_client
 
     client = get_client()
-    futures = client.compute(list(tasks))
+    window = WINDOW_PER_WORKER * max(1, sum(client.nthreads().values()))
+    pending = list(tasks)
+    futures = [client.compute(t) for t in pending[:window]]
+    pending = pending[window:]
     try:
-        for future in as_completed(futures):
+        completed = as_completed(futures)
+        for future in completed:
             bar.update(future.result())
+            if pending:  # keep the window full
+                futures.append(client.compute(pending.pop(0)))
+                completed.add(futures[-1])
     except BaseException:
         client.cancel(futures)
         # A cancelled task already running on a worker still finishes: wait until none of
