@@ -59,11 +59,35 @@ class ClusterConfig:
               'type = "address" needs the scheduler address, e.g. "tcp://host:8786"')
 
 
-def _quiet_malloc_trim() -> None:
-    # The nanny sets MALLOC_TRIM_THRESHOLD_=65536 in workers, which makes FFT-heavy
-    # code twice slower (PITFALLS); leave glibc's default instead.
+#: allocations from this size up are mmapped and returned to the system when freed
+MMAP_THRESHOLD = 16 * 2**20
+
+
+def bound_heap_growth() -> None:
+    """Fix glibc's mmap threshold in this process (no-op elsewhere than glibc).
+
+    glibc raises its threshold to the size of each large block freed, up to
+    32 MiB, so chunk-sized buffers then come from the heap, which fragments and
+    keeps growing with the number of chunks processed (peak memory +50 % at 4x
+    the slices).  A fixed 16 MiB threshold keeps slice-sized FFT buffers on the
+    fast heap and gives chunk-sized ones back at once: peak memory no longer
+    depends on the stack length.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_malloc_env() -> None:
+    # The nanny sets MALLOC_TRIM_THRESHOLD_=65536 in workers, which makes FFT-heavy code
+    # twice slower (PITFALLS): drop it, and fix the mmap threshold as in this process.
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     dask.config.set({"distributed.nanny.pre-spawn-environ": env})
 
 
@@ -75,6 +99,7 @@ def scheduler(cfg: ClusterConfig | None, *, nproc: int = 1) -> Iterator[bool]:
     processes), False for the threaded scheduler.
     """
     cfg = cfg or ClusterConfig()
+    bound_heap_growth()
     if cfg.type == "threads":
         from threadpoolctl import threadpool_limits
 
@@ -85,7 +110,7 @@ def scheduler(cfg: ClusterConfig | None, *, nproc: int = 1) -> Iterator[bool]:
         return
     from distributed import Client, LocalCluster
 
-    _quiet_malloc_trim()
+    _worker_malloc_env()
     n = cfg.n_workers or nproc
     if cfg.type == "address":
         with Client(cfg.address) as client, dask.config.set(scheduler=client):

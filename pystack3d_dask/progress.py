@@ -20,7 +20,7 @@ from dask.delayed import Delayed
 
 
 #: chunks in flight per worker thread
-WINDOW_PER_WORKER = 3
+WINDOW_PER_WORKER = 2
 
 
 class _SliceCounter(Callback):
