@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cluster", help='"threads", "local" or a scheduler address (overrides [cluster])')
     run.add_argument("--output", help="folder for the store (default: the project folder)")
     run.add_argument("--chunk-mib", type=float, default=32.0, help="target chunk size (MiB)")
+    run.add_argument("--compression", choices=["none", "lz4", "zstd"], default="none",
+                     help="chunk compression (off: noisy slices hardly compress, and it costs speed)")
     run.add_argument("--no-plots", action="store_true", help="skip the figures of the steps computed")
 
     demo = sub.add_parser("demo", help="run the chain on a built-in synthetic stack with ground truth")
@@ -87,7 +89,7 @@ def _run(args) -> int:
     from pystack3d_dask.engine import Project
 
     project = Project(args.path, output_dir=args.output, chunk_mib=args.chunk_mib, cluster=args.cluster,
-                      quiet=args.quiet)
+                      compression=args.compression, quiet=args.quiet)
     report = project.run(args.steps, force=args.force)
     for message in report.messages:
         print(message)

@@ -39,8 +39,17 @@ from pystack3d_dask.progress import execute
 from pystack3d_dask.project_config import ProjectConfig, load_config
 from pystack3d_dask.steps import get_step
 from pystack3d_dask.steps.base import StepContext, default_chunk_slices
-from pystack3d_dask.store import (INPUT, STATS_COLUMNS, STORE_NAME, ProjectStore, channel_key, check_writable,
-                                  project_lock, write_block)
+from pystack3d_dask.store import (
+    COMPRESSION,
+    INPUT,
+    STATS_COLUMNS,
+    STORE_NAME,
+    ProjectStore,
+    channel_key,
+    check_writable,
+    project_lock,
+    write_block,
+)
 
 log = logging.getLogger("pystack3d_dask")
 
@@ -81,6 +90,8 @@ class Project:
     cluster : ClusterConfig, mapping or str, optional
         Overrides the ``[cluster]`` table: ``"threads"``, ``"local"``, a scheduler
         address, a mapping of ``[cluster]`` keys or a :class:`ClusterConfig`.
+    compression : {"none", "lz4", "zstd"}
+        Chunk compression of the arrays written by this run (see :data:`store.COMPRESSION`).
     quiet : bool
         No progress bars.
 
@@ -100,6 +111,7 @@ class Project:
         chunk_mib: float = CHUNK_MIB,
         chunk_slices: int | None = None,
         cluster: ClusterConfig | Mapping | str | None = None,
+        compression: str = "none",
         quiet: bool = False,
     ):
         self.config: ProjectConfig = load_config(params)
@@ -110,6 +122,9 @@ class Project:
         self.chunk_mib = chunk_mib
         self.chunk_slices = chunk_slices
         self.cluster = _cluster_config(cluster) if cluster is not None else self.config.cluster
+        if compression not in COMPRESSION:
+            raise ConfigError(f"compression = {compression!r} is invalid: expected one of {list(COMPRESSION)}.")
+        self.compression = compression
         self.quiet = quiet
 
     # -- public API --------------------------------------------------------------------------------
@@ -139,7 +154,7 @@ class Project:
         with project_lock(self.output_dir):
             new_store = not self.store_path.exists()
             try:
-                store = ProjectStore(self.store_path)
+                store = ProjectStore(self.store_path, compression=self.compression)
                 with scheduler(self.cluster, nproc=cfg.nproc) as distributed:
                     start = time.perf_counter()
                     self._ingest(store, sources, zpos, report, distributed)

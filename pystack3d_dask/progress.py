@@ -18,7 +18,6 @@ import dask
 from dask.callbacks import Callback
 from dask.delayed import Delayed
 
-
 #: chunks in flight per worker thread
 WINDOW_PER_WORKER = 2
 

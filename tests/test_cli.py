@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import random_stack, write_params, write_slices
+
 from pystack3d_dask.cli import main
 
 PARAMS = """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import random_stack, tree_digest, write_params, write_slices
+
 from pystack3d_dask.engine import Project
 from pystack3d_dask.errors import ConfigError, InputError, StoreError
 from pystack3d_dask.store import LOCK_NAME, project_lock
@@ -72,6 +72,7 @@ def test_multichannel_chain_exact(tmp_path, dtype):
 def test_results_do_not_depend_on_chunking_or_scheduler(tmp_path, local_cluster):
     runs = {}
     for name, kwargs in {"1": dict(chunk_slices=1), "5": dict(chunk_slices=5), "all": dict(chunk_slices=13),
+                         "zstd": dict(chunk_slices=5, compression="zstd"),
                          "cluster": dict(chunk_slices=4, cluster=local_cluster.scheduler_address)}.items():
         folder = tmp_path / name
         make_project(folder)
@@ -79,7 +80,7 @@ def test_results_do_not_depend_on_chunking_or_scheduler(tmp_path, local_cluster)
         project.run()
         assert project.result("input", "A").chunks[0][0] == kwargs["chunk_slices"]
         runs[name] = store_content(project)
-    for name in ("5", "all", "cluster"):
+    for name in ("5", "all", "zstd", "cluster"):
         assert_same(runs["1"], runs[name])
 
 

@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import random_stack, write_slices
+
 from pystack3d_dask.errors import ConfigError, InputError
 from pystack3d_dask.io.tiff import discover, natural_key, read_slices
 from pystack3d_dask.kernels.crop import area_slices, crop

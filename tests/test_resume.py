@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 import zarr
-
 from conftest import random_stack, write_params, write_slices
+
 from pystack3d_dask.engine import Project
 
 PARAMS = """
