@@ -41,7 +41,7 @@ from common import mib, run_python  # noqa: E402
 
 from pystack3d_dask.steps.base import default_chunk_slices  # noqa: E402
 from pystack3d_dask.steps.bkg_removal import bkg_removal  # noqa: E402
-from pystack3d_dask.store import COMPRESSORS  # noqa: E402
+from pystack3d_dask.store import COMPRESSION  # noqa: E402
 from pystack3d_dask.synthetic import SyntheticCase  # noqa: E402
 
 CONFIGS = {
@@ -80,7 +80,7 @@ print(json.dumps(marks))
 def write_stack(path: str, shape: tuple[int, int, int]) -> da.Array:
     """Stream the synthetic background case into a Zarr array; return it as a dask array."""
     cz = default_chunk_slices(shape, np.uint8)
-    arr = zarr.create_array(path, shape=shape, chunks=(cz,) + shape[1:], dtype=np.uint8, compressors=COMPRESSORS)
+    arr = zarr.create_array(path, shape=shape, chunks=(cz,) + shape[1:], dtype=np.uint8, compressors=COMPRESSION["none"])
     case = SyntheticCase(shape, defects=("background",))
     for start in range(0, shape[0], cz):
         arr[start : start + cz] = np.stack([case.defect_slice(j) for j in range(start, min(start + cz, shape[0]))])

@@ -29,7 +29,7 @@ import zarr
 from pystack3d_dask.steps.base import default_chunk_slices
 from pystack3d_dask.steps.intensity_rescaling import intensity_rescaling
 from pystack3d_dask.steps.intensity_rescaling_area import intensity_rescaling_area
-from pystack3d_dask.store import COMPRESSORS
+from pystack3d_dask.store import COMPRESSION
 from pystack3d_dask.synthetic import SyntheticCase
 
 
@@ -45,7 +45,7 @@ def _drain(x: da.Array) -> None:
 def write_store(path: str, shape: tuple[int, int, int], dtype: str) -> da.Array:
     """Stream a synthetic stack into a Zarr array; return it as a dask array of whole-slice chunks."""
     cz = default_chunk_slices(shape, dtype)
-    z = zarr.create_array(path, shape=shape, chunks=(cz,) + shape[1:], dtype=dtype, compressors=COMPRESSORS)
+    z = zarr.create_array(path, shape=shape, chunks=(cz,) + shape[1:], dtype=dtype, compressors=COMPRESSION["none"])
     case = SyntheticCase(shape, defects=("contrast",))
     scale = 257 if np.dtype(dtype) == np.uint16 else 1  # use the 16-bit range
     for start in range(0, shape[0], cz):
