@@ -211,3 +211,35 @@ def test_write_pass_reduction_and_known_input_stats(tmp_path):
     assert state["range_bins"] == [float(stack.min()), float(stack.max())]
     result = project.result("intensity_rescaling").compute()
     np.testing.assert_array_equal(state["histograms_after"], histograms(result, edges=state["edges"]))
+
+
+def test_policy_that_does_not_match_the_file_names(tmp_path):
+    stack = random_stack((5, 8, 8))
+    write_slices(tmp_path, stack, prefix="img")  # img_0_z=0.0000um.tif, not slice_...
+    write_params(tmp_path, 'process_steps = ["resampling"]\n[resampling]\ndz = 0.01\n'
+                           'policy = "slice_{slice_nb}_z={z_coord}um.tif"\n')
+    before = tree_digest(tmp_path)
+    with pytest.raises(InputError, match=r"img_0_z=0.0000um.tif.*slice_\{slice_nb\}_z=\{z_coord\}um.tif"):
+        Project(tmp_path, quiet=True).run()
+    assert {k: v for k, v in tree_digest(tmp_path).items() if k != LOCK_NAME} == before
+    # without a resampling step to run, the policy is not needed: no error, no z positions
+    write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\narea = [0, 4, 0, 4]\n'
+                           '[resampling]\ndz = 0.01\npolicy = "slice_{slice_nb}_z={z_coord}um.tif"\n')
+    project = Project(tmp_path, quiet=True)
+    project.run()
+    assert project.zpos("cropping") is None
+
+
+def test_z_positions_flow_through_the_steps(tmp_path):
+    zpos = np.array([0.0, 0.01, 0.02, 0.04, 0.06, 0.08])
+    stack = random_stack((6, 8, 8), "float32")
+    write_slices(tmp_path, stack, zpos=zpos)
+    write_params(tmp_path, 'process_steps = ["cropping", "resampling"]\n[cropping]\narea = [0, 4, 0, 4]\n'
+                           '[resampling]\ndz = 0.01\n')
+    project = Project(tmp_path, quiet=True, chunk_slices=4)
+    project.run()
+    np.testing.assert_allclose(project.zpos("cropping"), zpos)
+    np.testing.assert_allclose(project.zpos("resampling"), np.arange(9) * 0.01, atol=1e-12)
+    out = project.result("resampling").compute()
+    np.testing.assert_array_equal(out[4], stack[3, 4:, :4])  # z = 0.04 is input slice 3
+    np.testing.assert_allclose(out[5], (stack[3, 4:, :4] + stack[4, 4:, :4]) / 2, rtol=1e-6)
