@@ -73,6 +73,8 @@ def test_results_do_not_depend_on_chunking_or_scheduler(tmp_path, local_cluster)
     runs = {}
     for name, kwargs in {"1": dict(chunk_slices=1), "5": dict(chunk_slices=5), "all": dict(chunk_slices=13),
                          "zstd": dict(chunk_slices=5, compression="zstd"),
+                         "local": dict(chunk_slices=3, cluster={"type": "local", "n_workers": 2,
+                                                                 "memory_limit": "1GiB"}),
                          "cluster": dict(chunk_slices=4, cluster=local_cluster.scheduler_address)}.items():
         folder = tmp_path / name
         make_project(folder)
@@ -80,7 +82,7 @@ def test_results_do_not_depend_on_chunking_or_scheduler(tmp_path, local_cluster)
         project.run()
         assert project.result("input", "A").chunks[0][0] == kwargs["chunk_slices"]
         runs[name] = store_content(project)
-    for name in ("5", "all", "zstd", "cluster"):
+    for name in ("5", "all", "zstd", "local", "cluster"):
         assert_same(runs["1"], runs[name])
 
 
@@ -243,3 +245,15 @@ def test_z_positions_flow_through_the_steps(tmp_path):
     out = project.result("resampling").compute()
     np.testing.assert_array_equal(out[4], stack[3, 4:, :4])  # z = 0.04 is input slice 3
     np.testing.assert_allclose(out[5], (stack[3, 4:, :4] + stack[4, 4:, :4]) / 2, rtol=1e-6)
+
+
+def test_batch_cluster_without_dask_jobqueue_says_what_to_install(tmp_path):
+    try:
+        import dask_jobqueue  # noqa: F401
+    except ImportError:
+        make_project(tmp_path)
+        with pytest.raises(ConfigError, match=r'pip install "pystack3d-dask\[hpc\]"'):
+            Project(tmp_path, quiet=True, cluster={"type": "slurm"}).run()
+        assert not (tmp_path / "pystack3d_dask.zarr").exists()
+    else:
+        pytest.skip("dask-jobqueue is installed")
