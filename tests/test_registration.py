@@ -72,14 +72,6 @@ def shifted():
     return np.rint(np.stack(out)).astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as c:
-        yield c
-
-
 def pairwise_loop(stack, transformation="TRANSLATION"):
     """Reference: a plain loop over consecutive pairs."""
     out = [np.eye(3)]
@@ -266,7 +258,7 @@ def test_integer_output_rounds_and_zero_fills(shifted):
     np.testing.assert_array_equal(res[1, :, :-1], expected)
 
 
-def test_threads_and_local_cluster_agree(shifted, cluster):
+def test_threads_and_local_cluster_agree(shifted, local_cluster):
     from distributed import Client
 
     def run():
@@ -276,7 +268,7 @@ def test_threads_and_local_cluster_agree(shifted, cluster):
 
     with dask.config.set(scheduler="threads"):
         m_threads, threads = run()
-    with Client(cluster):
+    with Client(local_cluster):
         m_cluster, distributed = run()
     np.testing.assert_array_equal(m_cluster, m_threads)
     np.testing.assert_array_equal(distributed, threads)

@@ -23,14 +23,6 @@ def stack():
     return np.random.default_rng(3).integers(0, 256, (NZ, 9, 11), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as c:
-        yield c
-
-
 def reference(stack, zin, zout):
     """Plain in-memory interpolation along z (scipy), float64."""
     return interp1d(zin, stack.astype(np.float64), axis=0)(zout)
@@ -75,11 +67,11 @@ def test_byte_identical_for_any_chunking(stack, cast):
         assert r.compute().tobytes() == first.tobytes()
 
 
-def test_byte_identical_threads_vs_local_cluster(stack, cluster):
+def test_byte_identical_threads_vs_local_cluster(stack, local_cluster):
     distributed = pytest.importorskip("distributed")
     out = resampling(as_stack(stack, chunk_slices=3), zpos=ZIN, dz=0.07, cast=False)[0]
     threaded = out.compute(scheduler="threads")
-    with distributed.Client(cluster):
+    with distributed.Client(local_cluster):
         assert out.compute().tobytes() == threaded.tobytes()
 
 
