@@ -91,21 +91,32 @@ def brackets(
     return lower, upper, weight
 
 
-def lerp(lower: np.ndarray, upper: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Linear interpolation ``(1 - w) * lower + w * upper``, slice by slice.
+def interpolate(stack: np.ndarray, lower: np.ndarray, upper: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Output slice ``i`` = ``(1 - w_i) * stack[lower_i] + w_i * stack[upper_i]``.
+
+    Computed one output slice at a time in slice-sized buffers (no gathered
+    copies of the input, no chunk-sized temporaries).
 
     Parameters
     ----------
-    lower, upper : numpy.ndarray, shape (k, y, x)
-        The two input slices around each of ``k`` output slices.
-    weight : numpy.ndarray, shape (k, 1, 1)
-        Weight of ``upper``; 0 returns ``lower`` and 1 returns ``upper`` exactly.
+    stack : numpy.ndarray, shape (n, y, x)
+        The input slices the output needs.
+    lower, upper : numpy.ndarray of int, shape (k,)
+        Indices in ``stack`` of the two slices around each output slice.
+    weight : numpy.ndarray, shape (k,)
+        Weight of ``upper``; 0 returns ``stack[lower]`` and 1 ``stack[upper]`` exactly.
 
     Returns
     -------
     numpy.ndarray
         Shape ``(k, y, x)``, dtype :func:`output_dtype` of the input.
     """
-    dtype = output_dtype(lower.dtype)
-    w = weight.astype(dtype)
-    return (1 - w) * lower.astype(dtype) + w * upper.astype(dtype)
+    dtype = output_dtype(stack.dtype)
+    out = np.empty((len(weight),) + stack.shape[1:], dtype)
+    above = np.empty(stack.shape[1:], dtype)
+    for i, (lo, up, w) in enumerate(zip(lower, upper, weight)):
+        w = dtype.type(w)
+        np.multiply(stack[lo], dtype.type(1) - w, out=out[i], dtype=dtype)
+        np.multiply(stack[up], w, out=above, dtype=dtype)
+        out[i] += above
+    return out

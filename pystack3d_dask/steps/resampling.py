@@ -9,10 +9,10 @@ explicit ``zpos_out``; ``zpos_out`` wins when both are given (with a warning),
 as an explicit list is the more specific request.
 
 Out of core and neighbour-aware: each output slice needs only the two input
-slices around it (:func:`pystack3d_dask.kernels.resample.brackets`).  The
-lazy stack is gathered at those indices (``stack[lower]``, ``stack[upper]``),
-so an output chunk depends only on the input chunks holding its brackets,
-possibly the neighbouring chunk, never on the whole stack.  Output chunks are
+slices around it (:func:`pystack3d_dask.kernels.resample.brackets`).  Each
+output chunk reads the contiguous run of input slices between its first and
+last brackets, so it depends only on the input chunks holding them, possibly
+the neighbouring chunk, never on the whole stack.  Output chunks are
 regular, with the input's slices per chunk.  The state holds the output
 positions under ``"zpos"`` (the engine's new z positions) and the input ones
 under ``"zpos_in"``.
@@ -30,7 +30,7 @@ import numpy as np
 from pystack3d_dask.config import check
 from pystack3d_dask.errors import StepError
 from pystack3d_dask.io.zpos import DEFAULT_POLICY, check_zpos, compile_policy
-from pystack3d_dask.kernels.resample import RTOL, brackets, lerp, output_dtype, uniform_grid
+from pystack3d_dask.kernels.resample import RTOL, brackets, interpolate, output_dtype, uniform_grid
 from pystack3d_dask.steps.base import State, Step, StepContext, run_step
 
 SECTION = "resampling"
@@ -110,14 +110,20 @@ def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da
         raise StepError(f"[{SECTION}] the saved state has {len(zin)} input positions for "
                         f"a stack of {stack.shape[0]} slices.")
     lower, upper, weight = brackets(zin, np.asarray(state["zpos"], dtype=np.float64))
-    chunks = (max(stack.chunks[0]), -1, -1)
-    # gathering with the index vectors keeps each output chunk's graph on its bracketing input chunks
-    below = stack[lower].rechunk(chunks)
-    above = stack[upper].rechunk(chunks)
-    # one float per output slice: small enough to travel in the graph
-    w = da.from_array(weight.reshape(-1, 1, 1), chunks=(chunks[0], 1, 1))
+    cz = max(stack.chunks[0])
     dtype = output_dtype(stack.dtype)
-    return da.map_blocks(lerp, below, above, w, dtype=dtype, meta=np.empty((0, 0, 0), dtype))
+    pieces = []
+    for a in range(0, len(weight), cz):
+        b = min(a + cz, len(weight))
+        # the contiguous run of input slices this output chunk needs, in one block: it spans
+        # at most the input chunks holding its brackets (possibly the neighbouring one)
+        lo, hi = int(lower[a]), int(upper[b - 1]) + 1
+        run = stack[lo:hi].rechunk((-1, -1, -1))
+        pieces.append(run.map_blocks(interpolate, lower[a:b] - lo, upper[a:b] - lo, weight[a:b],
+                                     chunks=((b - a,),) + run.chunks[1:], dtype=dtype,
+                                     meta=np.empty((0, 0, 0), dtype)))
+    return da.concatenate(pieces)
+
 
 
 STEP = Step(name=SECTION, Params=Params, apply=apply, compute_state=compute_state)
