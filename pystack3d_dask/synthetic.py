@@ -6,7 +6,7 @@ generator: smoothed random binary blobs with values in ``[0, 0.5] x 255``
 
 ``shifts``      slices 20-70 (of 300) shifted by +10 px in x
 ``contrast``    slices 75-100 multiplied by factors in [0.4, 0.7]
-``background``  an additive background proportional to ``x * y * z``
+``background``  an additive background proportional to ``x * y * z`` (z: acquisition order)
 ``curtains``    vertical stripes on two slices
 ``border``      40 px of empty (zero) border around every slice
 ``dz``          every other slice deleted from slice 100 on (dz doubles)
@@ -107,14 +107,21 @@ class SyntheticCase:
     # -- slices ----------------------------------------------------------------------------------
     @functools.cached_property
     def _blobs(self) -> np.ndarray:
-        """Random blobs (z, y, x, radius) covering the volume."""
+        """Random blobs (z, y, x, radius) covering the volume and a margin around it.
+
+        Centres also fall in a margin of the largest radius outside the volume, so the
+        blob density is the same at the faces as inside: the truth has no large-scale
+        trend of its own for a background fit to mistake for a defect.
+        """
         n, h, w = self.shape
         rng = np.random.default_rng(self.seed)
         r_mean = max(2.0, min(h, w) / 25)
-        count = int(3 * n * h * w / (4 / 3 * np.pi * r_mean**3) / 4) + 1
+        m = 1.4 * r_mean
+        extent = [(-m, n + m), (-m, h + m), (-m, w + m)]
+        volume = np.prod([hi - lo for lo, hi in extent])
+        count = int(3 * volume / (4 / 3 * np.pi * r_mean**3) / 4) + 1
         return np.column_stack(
-            [rng.uniform(0, n, count), rng.uniform(0, h, count), rng.uniform(0, w, count),
-             rng.uniform(0.6, 1.4, count) * r_mean]
+            [rng.uniform(lo, hi, count) for lo, hi in extent] + [rng.uniform(0.6, 1.4, count) * r_mean]
         )
 
     def truth_slice(self, k: int) -> np.ndarray:
@@ -144,7 +151,8 @@ class SyntheticCase:
         if "background" in self.defects:
             y = (h - 1 - np.arange(h))[:, None] / (h - 1)  # bottom-left origin, like areas
             x = np.arange(w)[None, :] / (w - 1)
-            img += self.background_amplitude * x * y * (k / (n - 1))
+            # z in acquisition order: a beam or detector drift follows time, i.e. the slices acquired
+            img += self.background_amplitude * x * y * (j / max(len(self.kept) - 1, 1))
         if k in self.curtain_slices:
             rng = np.random.default_rng(self.seed + 100 + k)
             columns = rng.normal(0, 1, w)
