@@ -26,8 +26,11 @@ def clip_cast(block: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
         work = np.empty(block.shape[1:], np.result_type(block.dtype, np.float32))
         for i in range(block.shape[0]):
             np.copyto(work, block[i])
-            np.nan_to_num(work, copy=False, nan=0.0)
-            np.clip(work, info.min, info.max, out=work)
+            if info.min != 0:
+                np.copyto(work, 0, where=np.isnan(work))
+            # fmax/fmin clip and turn NaN into the other operand: 0 for unsigned types
+            np.fmax(work, info.min, out=work)
+            np.fmin(work, info.max, out=work)
             np.rint(work, out=work)
             out[i] = work
         return out
