@@ -106,6 +106,10 @@ def _build(table: dict, base: Path, toml_path: Path | None) -> ProjectConfig:
               f"unknown step{suggest(name, STEP_NAMES)}; steps: {', '.join(STEP_NAMES)}")
         check(name not in seen, "", "process_steps", name, "a step may appear only once")
         seen.add(name)
+    for i, name in enumerate(steps):
+        for needed in get_step(name).requires:
+            check(needed in steps[:i], "", "process_steps", list(steps),
+                  f"{name!r} needs {needed!r} earlier in the list (it uses its result)")
     history = top.get("history", ())
     check(history == steps[: len(history)], "", "history", list(history),
           f"expected the first steps of process_steps, in order ({list(steps)})")

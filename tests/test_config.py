@@ -49,6 +49,8 @@ BASE = {"process_steps": ["cropping"], "cropping": {"area": [0, 10, 0, 10]}}
         ({"process_steps": ["cropping", "bkg_remval"]}, r"bkg_remval.*did you mean 'bkg_removal'"),
         ({"process_steps": ["cropping", "cropping"]}, r"'cropping'.*only once"),
         ({"process_steps": []}, "process_steps is required"),
+        ({"process_steps": ["registration_transformation", "registration_calculation"]},
+         "'registration_transformation' needs 'registration_calculation' earlier in the list"),
         ({"nproc": "2"}, r"nproc = '2' is invalid: expected an integer"),
         ({"nproc": 0}, r"nproc = 0 is invalid: expected an integer >= 1"),
         ({"ind_min": -1}, r"ind_min = -1"),

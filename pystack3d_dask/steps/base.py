@@ -74,6 +74,8 @@ class Step:
     #: correction; ``kernel(block) -> (cz, m)``.  Saved as ``state[write_reduction_key]``.
     write_reduction: Callable[[State], Callable[[np.ndarray], np.ndarray]] | None = None
     write_reduction_key: str = "after"
+    #: steps whose state this one needs; they must come earlier in ``process_steps``
+    requires: tuple[str, ...] = ()
 
     def params(self, table: dict | None = None, **kwargs) -> Any:
         """Build and validate this step's parameters from a TOML table or keywords."""

@@ -121,7 +121,8 @@ def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da
     )
 
 
-STEP = Step(name=SECTION, Params=Params, apply=apply, compute_state=compute_state)
+STEP = Step(name=SECTION, Params=Params, apply=apply, compute_state=compute_state,
+            requires=("registration_calculation",))
 
 
 def registration_transformation(
