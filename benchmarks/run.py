@@ -6,7 +6,8 @@ For every scale s, a synthetic stack of ``s * N`` slices is written, then run
 by a fresh ``pystack3d-dask`` process whose process tree's resident memory is
 sampled.  Printed, all measured in this one run:
 
-* ingest throughput / a plain ``tifffile.imread`` of the same files (target >= 0.5), over
+* ingest throughput / a plain ``tifffile.imread`` of the same files (target >= 0.5), both
+  from the page cache (default) or both from the disk (``--cold``), over
   the whole stack and over the extra slices between two scales (fixed start-up costs cancel);
 * each step's throughput / a plain read of its input from the same store;
 * peak memory at each scale / peak memory at the first (target <= 1.2 at 4x).
@@ -34,7 +35,16 @@ print(json.dumps(report.seconds))
 """
 
 
-def bench_scale(workdir: Path, shape: tuple[int, int, int], steps: list[str]) -> dict:
+def drop_page_cache() -> None:
+    """Empty the OS page cache (Linux, root only) so the next read comes from the disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold needs root on Linux to drop the page cache: {exc}") from None
+
+
+def bench_scale(workdir: Path, shape: tuple[int, int, int], steps: list[str], *, cold: bool = False) -> dict:
     from pystack3d_dask.demo import write_demo_project
     from pystack3d_dask.store import STORE_NAME
 
@@ -42,7 +52,12 @@ def bench_scale(workdir: Path, shape: tuple[int, int, int], steps: list[str]) ->
     files = sorted(toml.parent.glob("*.tif"))
     nbytes = sum(f.stat().st_size for f in files)
     os.sync()  # the files just written must not be flushed to disk during the timed run
-    plain = min(plain_tiff_read(files) for _ in range(2))  # both runs then read from the page cache
+    if cold:  # both read from the disk, as a user's first run does
+        drop_page_cache()
+        plain = plain_tiff_read(files)
+        drop_page_cache()
+    else:  # both read from the page cache
+        plain = min(plain_tiff_read(files) for _ in range(2))
     seconds, peak, out = run_python(CHILD, str(toml))
     times = json.loads(out.strip().splitlines()[-1])
     store = toml.parent / STORE_NAME
@@ -65,6 +80,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", default="cropping", help="comma-separated steps to time")
     parser.add_argument("--scales", default="1,4", help="comma-separated multiples of N")
     parser.add_argument("--workdir", help="where to write the stacks (default: a temporary folder)")
+    parser.add_argument("--cold", action="store_true",
+                        help="drop the page cache before the plain read and the run (root, Linux)")
     args = parser.parse_args(argv)
     n, h, w = (int(v) for v in args.shape.split(","))
     steps = [s for s in args.steps.split(",") if s]
@@ -73,7 +90,7 @@ def main(argv=None) -> None:
     results = {}
     try:
         for s in scales:
-            results[s] = bench_scale(root / f"x{s}", (n * s, h, w), steps)
+            results[s] = bench_scale(root / f"x{s}", (n * s, h, w), steps, cold=args.cold)
             r = results[s]
             print(f"scale {s}x: {r['slices']} slices, {r['input_mib']:.0f} MiB, peak memory {r['peak_mib']:.0f} MiB, "
                   f"ingest {r['ingest_ratio']:.2f}x a plain tifffile read", flush=True)
