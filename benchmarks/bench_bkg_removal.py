@@ -27,22 +27,15 @@ import json
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import dask
-import dask.array as da
-import numpy as np
-import zarr
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import mib, run_python  # noqa: E402
+from common import best, drain, mib, run_python, synthetic_store  # noqa: E402
 
-from pystack3d_dask.steps.base import default_chunk_slices  # noqa: E402
 from pystack3d_dask.steps.bkg_removal import bkg_removal  # noqa: E402
-from pystack3d_dask.store import COMPRESSION  # noqa: E402
-from pystack3d_dask.synthetic import SyntheticCase  # noqa: E402
 
 CONFIGS = {
     "dim 3, orders (1,1,1) cross, skip 10": {"orders": (1, 1, 1), "cross_terms": True},
@@ -77,34 +70,6 @@ print(json.dumps(marks))
 """
 
 
-def write_stack(path: str, shape: tuple[int, int, int]) -> da.Array:
-    """Stream the synthetic background case into a Zarr array; return it as a dask array."""
-    cz = default_chunk_slices(shape, np.uint8)
-    arr = zarr.create_array(path, shape=shape, chunks=(cz,) + shape[1:], dtype=np.uint8, compressors=COMPRESSION["none"])
-    case = SyntheticCase(shape, defects=("background",))
-    for start in range(0, shape[0], cz):
-        arr[start : start + cz] = np.stack([case.defect_slice(j) for j in range(start, min(start + cz, shape[0]))])
-    return da.from_zarr(arr, chunks=arr.chunks)
-
-
-def _touch(block: np.ndarray) -> np.ndarray:
-    return np.array([[[block.reshape(-1)[-1]]]], dtype=np.float64)
-
-
-def drain(x: da.Array) -> None:
-    """Compute every chunk of ``x`` without gathering it."""
-    x.map_blocks(_touch, chunks=(1, 1, 1), dtype=np.float64).compute()
-
-
-def best(func, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        func()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def samples(shape: tuple[int, int, int], skip: tuple[int, int, int]) -> int:
     """Sampled voxels of the 3-D fit (skip = (sx, sy, sz))."""
     return math.prod(math.ceil(n / s) for n, s in zip(shape, skip[::-1]))
@@ -118,7 +83,7 @@ def main(argv=None) -> None:
     nz, h, w = args.shape
     with tempfile.TemporaryDirectory() as tmp, dask.config.set(scheduler="threads"):
         store = f"{tmp}/stack.zarr"
-        full = write_stack(store, (4 * nz, h, w))
+        full = synthetic_store(store, (4 * nz, h, w), defects=("background",))
         x = full[:nz]
         size = mib(x.nbytes)
         print(f"stack ({nz}, {h}, {w}) uint8 = {size:.0f} MiB, chunks of {x.chunks[0][0]} slices, "

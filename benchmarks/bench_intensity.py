@@ -18,49 +18,18 @@ as reading).  Timings vary by 10-15 % from run to run.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
-import zarr
 
-from pystack3d_dask.steps.base import default_chunk_slices
 from pystack3d_dask.steps.intensity_rescaling import intensity_rescaling
 from pystack3d_dask.steps.intensity_rescaling_area import intensity_rescaling_area
-from pystack3d_dask.store import COMPRESSION
-from pystack3d_dask.synthetic import SyntheticCase
 
-
-def _touch(block: np.ndarray) -> np.ndarray:
-    # one value per chunk: forces the chunk to be computed without moving it
-    return np.array([[[block.reshape(-1)[-1]]]], dtype=np.float64)
-
-
-def _drain(x: da.Array) -> None:
-    x.map_blocks(_touch, chunks=(1, 1, 1), dtype=np.float64).compute()
-
-
-def write_store(path: str, shape: tuple[int, int, int], dtype: str) -> da.Array:
-    """Stream a synthetic stack into a Zarr array; return it as a dask array of whole-slice chunks."""
-    cz = default_chunk_slices(shape, dtype)
-    z = zarr.create_array(path, shape=shape, chunks=(cz,) + shape[1:], dtype=dtype, compressors=COMPRESSION["none"])
-    case = SyntheticCase(shape, defects=("contrast",))
-    scale = 257 if np.dtype(dtype) == np.uint16 else 1  # use the 16-bit range
-    for start in range(0, shape[0], cz):
-        stop = min(start + cz, shape[0])
-        z[start:stop] = np.stack([case.defect_slice(j) for j in range(start, stop)]).astype(dtype) * scale
-    return da.from_zarr(z, chunks=(cz,) + shape[1:])
-
-
-def best_time(func, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        func()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best, drain, synthetic_store  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -78,16 +47,16 @@ def main(argv=None) -> None:
         "intensity_rescaling_area": (intensity_rescaling_area, {"factors_range": (0.5, 2.5)}),
     }
     with tempfile.TemporaryDirectory() as tmp, dask.config.set(scheduler="threads"):
-        x = write_store(f"{tmp}/stack.zarr", shape, args.dtype)
+        x = synthetic_store(f"{tmp}/stack.zarr", shape, defects=("contrast",), dtype=args.dtype)
         print(f"stack {shape} {args.dtype} = {mib:.0f} MiB, chunks of {x.chunks[0][0]} slices, "
               f"{dask.system.CPU_COUNT} threads, best of {args.repeat}")
-        read = best_time(lambda: _drain(x), args.repeat)
+        read = best(lambda: drain(x), args.repeat)
         print(f"{'read':40s} {read:7.3f} s {mib / read:8.1f} MiB/s  ratio to read  1.00")
         for name, (func, params) in steps.items():
             state = func(x, **params)[1]
-            t_state = best_time(lambda: func(x, **params), args.repeat)  # state only: the result is lazy
-            t_result = best_time(lambda: _drain(func(x, state=state, **params)[0]), args.repeat)
-            t_float = best_time(lambda: _drain(func(x, state=state, cast=False, **params)[0]), args.repeat)
+            t_state = best(lambda: func(x, **params), args.repeat)  # state only: the result is lazy
+            t_result = best(lambda: drain(func(x, state=state, **params)[0]), args.repeat)
+            t_float = best(lambda: drain(func(x, state=state, cast=False, **params)[0]), args.repeat)
             total = t_state + t_result
             print(f"{name:40s} {total:7.3f} s {mib / total:8.1f} MiB/s  ratio to read {read / total:5.2f}"
                   f"  (state {t_state:.3f} s, result {t_result:.3f} s of which float32 before the cast "

@@ -25,8 +25,10 @@ Each line gives MiB/s of input and the ratio to the plain read.  With
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import dask
 import dask.array as da
@@ -38,6 +40,9 @@ from pystack3d_dask.kernels.warp import warp_affine
 from pystack3d_dask.steps.registration_calculation import registration_calculation
 from pystack3d_dask.steps.registration_transformation import registration_transformation
 from pystack3d_dask.store import COMPRESSION
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import drain  # noqa: E402
 
 #: slices per Zarr chunk
 CHUNK = 8
@@ -63,15 +68,6 @@ def drifting_stack(path: str, shape: tuple[int, int, int]) -> da.Array:
             motion = motion @ step
         z[start:start + len(block)] = np.clip(block, 0, 255).astype(np.uint8)
     return da.from_zarr(z, chunks=(CHUNK, h, w))
-
-
-def _last(block: np.ndarray) -> np.ndarray:
-    return np.array([[[float(block.reshape(-1)[-1])]]])
-
-
-def drain(x: da.Array) -> None:
-    """Compute every chunk of ``x`` without gathering it."""
-    x.map_blocks(_last, chunks=(1, 1, 1), dtype=np.float64).compute()
 
 
 def timed(func) -> float:

@@ -84,3 +84,46 @@ def plain_store_read(store: Path, node: str) -> float:
 
 def mib(nbytes: float) -> float:
     return nbytes / 2**20
+
+
+def best(func, repeat: int) -> float:
+    """Shortest of ``repeat`` timings of ``func()`` (seconds)."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _last_value(block: np.ndarray) -> np.ndarray:
+    # one value per chunk: forces the chunk to be computed without moving it
+    return np.array([[[float(block.reshape(-1)[-1])]]])
+
+
+def drain(x) -> None:
+    """Compute every chunk of the dask array ``x`` without gathering it."""
+    x.map_blocks(_last_value, chunks=(1, 1, 1), dtype=np.float64).compute()
+
+
+def synthetic_store(path: str, shape: tuple[int, int, int], *, defects: tuple[str, ...], dtype: str = "uint8"):
+    """Stream a synthetic case into a Zarr array (project chunking); return it as a dask array.
+
+    uint16 stacks use the 16-bit range (values x 257).
+    """
+    import dask.array as da
+    import zarr
+
+    from pystack3d_dask.steps.base import default_chunk_slices
+    from pystack3d_dask.store import COMPRESSION
+    from pystack3d_dask.synthetic import SyntheticCase
+
+    cz = default_chunk_slices(shape, dtype)
+    arr = zarr.create_array(path, shape=shape, chunks=(cz,) + tuple(shape[1:]), dtype=dtype,
+                            compressors=COMPRESSION["none"])
+    case = SyntheticCase(shape, defects=defects)
+    scale = 257 if np.dtype(dtype) == np.uint16 else 1
+    for start in range(0, shape[0], cz):
+        stop = min(start + cz, shape[0])
+        arr[start:stop] = np.stack([case.defect_slice(j) for j in range(start, stop)]).astype(dtype) * scale
+    return da.from_zarr(arr, chunks=arr.chunks)

@@ -8,8 +8,8 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
-
 from conftest import write_params, write_slices
+
 from pystack3d_dask.engine import Project
 from pystack3d_dask.errors import ConfigError, StepError
 from pystack3d_dask.kernels import histmatch

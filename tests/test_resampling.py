@@ -1,8 +1,8 @@
 """resampling: uniform z by linear interpolation, out of core and chunk-independent."""
 
 import dask
-import dask.optimization
 import dask.array as da
+import dask.optimization
 import numpy as np
 import pytest
 from scipy.interpolate import interp1d
