@@ -1,0 +1,29 @@
+"""The whole chain through the engine: every step's stored result is the same for any chunking
+and scheduler (the steps' own tests check this step by step on bare arrays)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pystack3d_dask.demo import write_demo_project
+from pystack3d_dask.engine import Project
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, local_cluster):
+    out = {}
+    variants = {"1": {"chunk_slices": 1}, "7": {"chunk_slices": 7}, "all": {"chunk_slices": 1000},
+                "cluster": {"chunk_slices": 5, "cluster": local_cluster.scheduler_address}}
+    for name, kwargs in variants.items():
+        toml, _ = write_demo_project(tmp_path_factory.mktemp(f"chain{name}"), shape=(36, 48, 48))
+        project = Project(toml, quiet=True, **kwargs)
+        project.run()
+        out[name] = {step: project.result(step).compute() for step in project.config.process_steps}
+    return out
+
+
+@pytest.mark.parametrize("variant", ["7", "all", "cluster"])
+def test_every_step_is_identical_whatever_the_chunking_and_scheduler(runs, variant):
+    for step, expected in runs["1"].items():
+        np.testing.assert_array_equal(runs[variant][step], expected, err_msg=step)
