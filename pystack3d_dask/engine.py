@@ -35,7 +35,7 @@ from pystack3d_dask.cluster import ClusterConfig, scheduler
 from pystack3d_dask.config import build_params, params_hash
 from pystack3d_dask.errors import ConfigError, StoreError
 from pystack3d_dask.io.tiff import ChannelSource, discover, read_slices
-from pystack3d_dask.progress import execute
+from pystack3d_dask.progress import execute, state_progress
 from pystack3d_dask.project_config import ProjectConfig, load_config
 from pystack3d_dask.steps import get_step
 from pystack3d_dask.steps.base import StepContext, default_chunk_slices
@@ -365,7 +365,8 @@ class Project:
             state = store.load_state(name, key)
             if state is None:
                 ctx = self._ctx(ch, zpos_in, distributed, previous.get(ch, {}), input_stats[ch])
-                state = step.state(inputs[ch], params, ctx)
+                with state_progress(f"{name} (state)", quiet=self.quiet, distributed=distributed):
+                    state = step.state(inputs[ch], params, ctx)
                 store.save_state(name, key, state)
             states[key] = state
         tasks, total, zpos_out, alias = [], 0, zpos_in, None

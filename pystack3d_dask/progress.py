@@ -8,6 +8,7 @@ task lets the reads run ahead of the writes and hold many chunks at once).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -32,6 +33,31 @@ class _SliceCounter(Callback):
     def _posttask(self, key, result, dsk, state, worker_id):
         if key in self._keys:
             self._bar.update(result)
+
+
+class _TaskBar(Callback):
+    """A tqdm bar over the tasks of a local dask computation (a step's global state)."""
+
+    def __init__(self, desc: str):
+        super().__init__()
+        self._desc, self._bar = desc, None
+
+    def _start_state(self, dsk, state):
+        from tqdm.auto import tqdm
+
+        total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
+        self._bar = tqdm(total=total, desc=self._desc, unit="task", file=sys.stderr, dynamic_ncols=True)
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        self._bar.update(1)
+
+    def _finish(self, dsk, state, errored):
+        self._bar.close()
+
+
+def state_progress(desc: str, *, quiet: bool, distributed: bool):
+    """Context showing the progress of a step's global-state computation (local schedulers)."""
+    return contextlib.nullcontext() if quiet or distributed else _TaskBar(desc)
 
 
 def execute(tasks: Sequence[Delayed], *, total: int, desc: str, distributed: bool, quiet: bool = False) -> None:
