@@ -119,7 +119,7 @@ def scheduler(cfg: ClusterConfig | None, *, nproc: int = 1) -> Iterator[bool]:
     if cfg.type == "local":
         cluster_cm = LocalCluster(n_workers=n, threads_per_worker=cfg.threads_per_worker,
                                   memory_limit=cfg.memory_limit or "auto", processes=True,
-                                  dashboard_address=None)
+                                  dashboard_address=":0")
     else:
         try:
             import dask_jobqueue

@@ -38,7 +38,7 @@ def test_killed_worker_is_replaced_and_the_result_is_whole(tmp_path):
     for name in ("cluster", "threads"):
         write_slices(tmp_path / name, stack)
         write_params(tmp_path / name, PARAMS)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         stop, killed = threading.Event(), []
         killer = threading.Thread(target=_kill_one_worker_when_busy, args=(client, stop, killed), daemon=True)
