@@ -170,11 +170,7 @@ class Project:
 
     def result(self, step: str = INPUT, channel: str | None = None) -> da.Array:
         """The stored result of ``step`` (``"input"`` for the ingested stack) as a lazy array."""
-        store = self._open_store()
-        info = store.info(step)
-        if info is None or not info.get("complete"):
-            raise StoreError(f"step {step!r} has no complete result in {self.store_path}.")
-        node = store.node(step, channel or self.config.channels[0])
+        store, _, node = self._complete(step, channel)
         arr = store.array(node)
         return da.from_zarr(arr, chunks=arr.chunks)
 
@@ -188,12 +184,9 @@ class Project:
 
         Keys ``input_min``, ``input_max``, ``input_mean``, ``raw_min``, ... ``min``, ``max``, ``mean``.
         """
-        store = self._open_store()
+        store, info, node = self._complete(step, channel)
         channel = channel or self.config.channels[0]
-        info = store.info(step)
-        if info is None or not info.get("complete"):
-            raise StoreError(f"step {step!r} has no complete result in {self.store_path}.")
-        table = store.stats(store.node(step, channel))
+        table = store.stats(node)
         out = {name: table[:, i] for i, name in enumerate(STATS_COLUMNS[:-1])}
         if step != INPUT:
             prev = store.stats(store.node(info["input"], channel))
@@ -247,6 +240,16 @@ class Project:
         return export_tiff(self.result(step, channel), folder, prefix=step, zpos=self.zpos(step))
 
     # -- internals --------------------------------------------------------------------------------
+    def _complete(self, step: str, channel: str | None) -> tuple[ProjectStore, dict, str]:
+        """The store, the step's attributes and its result node, or a clear error."""
+        if channel is not None and channel not in self.config.channels:
+            raise ConfigError(f"channel = {channel!r} is invalid: expected one of {list(self.config.channels)}.")
+        store = self._open_store()
+        info = store.info(step)
+        if info is None or not info.get("complete"):
+            raise StoreError(f"step {step!r} has no complete result in {self.store_path}.")
+        return store, info, store.node(step, channel or self.config.channels[0])
+
     def _open_store(self) -> ProjectStore:
         if not (self.store_path / "zarr.json").exists():
             raise StoreError(f"no store at {self.store_path}: run the project first.")

@@ -257,3 +257,15 @@ def test_batch_cluster_without_dask_jobqueue_says_what_to_install(tmp_path):
         assert not (tmp_path / "pystack3d_dask.zarr").exists()
     else:
         pytest.skip("dask-jobqueue is installed")
+
+
+def test_results_of_unknown_steps_or_channels_are_clear_errors(tmp_path):
+    make_project(tmp_path)
+    project = Project(tmp_path, quiet=True)
+    with pytest.raises(StoreError, match="no store at"):
+        project.result("cropping")
+    project.run(["cropping"])
+    with pytest.raises(StoreError, match="step 'cropping_final' has no complete result"):
+        project.result("cropping_final")
+    with pytest.raises(ConfigError, match=r"channel = 'C' is invalid: expected one of \['A', 'B'\]"):
+        project.stats("cropping", "C")
