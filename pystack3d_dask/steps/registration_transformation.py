@@ -95,10 +95,6 @@ def compute_state(stack: da.Array, params: Params, ctx: StepContext) -> State:
     return state
 
 
-def _warp_chunk(block: np.ndarray, matrices: np.ndarray, **kwargs: Any) -> np.ndarray:
-    return warp_stack(block, matrices, **kwargs)
-
-
 def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da.Array:
     cumulative = np.asarray(state["cumulative"], np.float64)
     rect = tuple(state["crop"]) if state.get("crop") is not None else None
@@ -107,7 +103,7 @@ def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da
     mats = da.from_array(cumulative, chunks=(stack.chunks[0],) + cumulative.shape[1:])
     mat_index = "zabcd"[: cumulative.ndim]
     kernel = functools.partial(
-        _warp_chunk, mode=params.mode, rect=rect,
+        warp_stack, mode=params.mode, rect=rect,
         centres_y=state.get("centres_y"), centres_x=state.get("centres_x"),
     )
     return da.blockwise(
