@@ -183,6 +183,7 @@ class Project:
         """Per-slice statistics of ``step``: min, max, mean of input, raw result and result.
 
         Keys ``input_min``, ``input_max``, ``input_mean``, ``raw_min``, ... ``min``, ``max``, ``mean``.
+        The ``input_*`` arrays have the input's slice count (it differs after ``resampling``).
         """
         store, info, node = self._complete(step, channel)
         channel = channel or self.config.channels[0]
