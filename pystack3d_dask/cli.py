@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-mib", type=float, default=32.0, help="target chunk size (MiB)")
     run.add_argument("--compression", choices=["none", "lz4", "zstd"], default="none",
                      help="chunk compression (off: noisy slices hardly compress, and it costs speed)")
+    run.add_argument("--keep", choices=["all", "last"], default="all",
+                     help="last: delete each step's images once the next step has read them (saves disk)")
     run.add_argument("--no-plots", action="store_true", help="skip the figures of the steps computed")
 
     demo = sub.add_parser("demo", help="run the chain on a built-in synthetic stack with ground truth")
@@ -89,7 +91,7 @@ def _run(args) -> int:
     from pystack3d_dask.engine import Project
 
     project = Project(args.path, output_dir=args.output, chunk_mib=args.chunk_mib, cluster=args.cluster,
-                      compression=args.compression, quiet=args.quiet)
+                      compression=args.compression, keep=args.keep, quiet=args.quiet)
     report = project.run(args.steps, force=args.force)
     for message in report.messages:
         print(message)

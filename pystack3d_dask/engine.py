@@ -92,6 +92,10 @@ class Project:
         address, a mapping of ``[cluster]`` keys or a :class:`ClusterConfig`.
     compression : {"none", "lz4", "zstd"}
         Chunk compression of the arrays written by this run (see :data:`store.COMPRESSION`).
+    keep : {"all", "last"}
+        ``"last"`` deletes a step's images once the next step has read them (statistics and
+        state stay): the store holds the input and the last result only.  A later change of
+        an earlier step then recomputes from the last images still stored.
     quiet : bool
         No progress bars.
 
@@ -112,6 +116,7 @@ class Project:
         chunk_slices: int | None = None,
         cluster: ClusterConfig | Mapping | str | None = None,
         compression: str = "none",
+        keep: str = "all",
         quiet: bool = False,
     ):
         self.config: ProjectConfig = load_config(params)
@@ -125,6 +130,9 @@ class Project:
         if compression not in COMPRESSION:
             raise ConfigError(f"compression = {compression!r} is invalid: expected one of {list(COMPRESSION)}.")
         self.compression = compression
+        if keep not in ("all", "last"):
+            raise ConfigError(f"keep = {keep!r} is invalid: expected 'all' or 'last'.")
+        self.keep = keep
         self.quiet = quiet
 
     # -- public API --------------------------------------------------------------------------------
@@ -174,6 +182,11 @@ class Project:
         arr = store.array(node)
         return da.from_zarr(arr, chunks=arr.chunks)
 
+    def has_images(self, step: str) -> bool:
+        """True when ``step`` is complete and its images are stored (not discarded by ``keep='last'``)."""
+        store = self._open_store()
+        return bool((store.info(step) or {}).get("complete")) and not _discarded(store, step)
+
     def zpos(self, step: str = INPUT) -> np.ndarray | None:
         """z positions of the slices of ``step``'s result, when known."""
         info = self._open_store().info(step) or {}
@@ -185,7 +198,7 @@ class Project:
         Keys ``input_min``, ``input_max``, ``input_mean``, ``raw_min``, ... ``min``, ``max``, ``mean``.
         The ``input_*`` arrays have the input's slice count (it differs after ``resampling``).
         """
-        store, info, node = self._complete(step, channel)
+        store, info, node = self._complete(step, channel, images=False)
         channel = channel or self.config.channels[0]
         table = store.stats(node)
         out = {name: table[:, i] for i, name in enumerate(STATS_COLUMNS[:-1])}
@@ -217,6 +230,8 @@ class Project:
                 out["steps"][step] = {"status": "not run"}
                 continue
             entry = {"status": "complete" if info.get("complete") else "partial"}
+            if info.get("discarded"):
+                entry["status"] += " (images discarded)"
             if info.get("alias"):
                 entry["result"] = f"same images as {info['alias']}"
             try:
@@ -241,7 +256,7 @@ class Project:
         return export_tiff(self.result(step, channel), folder, prefix=step, zpos=self.zpos(step))
 
     # -- internals --------------------------------------------------------------------------------
-    def _complete(self, step: str, channel: str | None) -> tuple[ProjectStore, dict, str]:
+    def _complete(self, step: str, channel: str | None, *, images: bool = True) -> tuple[ProjectStore, dict, str]:
         """The store, the step's attributes and its result node, or a clear error."""
         if channel is not None and channel not in self.config.channels:
             raise ConfigError(f"channel = {channel!r} is invalid: expected one of {list(self.config.channels)}.")
@@ -249,6 +264,9 @@ class Project:
         info = store.info(step)
         if info is None or not info.get("complete"):
             raise StoreError(f"step {step!r} has no complete result in {self.store_path}.")
+        if images and _discarded(store, step):
+            raise StoreError(f"the images of step {step!r} were discarded (keep='last'): run with "
+                             f"keep='all' (or --force {step}) to have them again.")
         return store, info, store.node(step, channel or self.config.channels[0])
 
     def _open_store(self) -> ProjectStore:
@@ -318,17 +336,21 @@ class Project:
         prev = INPUT
         if cfg.history:
             last = cfg.history[-1]
-            if (store.info(last) or {}).get("complete"):
+            if (store.info(last) or {}).get("complete") and not _discarded(store, last):
                 prev = last
             else:
                 warnings.warn(f"history lists {list(cfg.history)} as done but the store holds no result for "
                               f"{last!r}: the input images are taken as its result.", stacklevel=3)
             chain = _digest(chain, "history", cfg.history)
-        forced = False
+        chains = []
         for name in todo:
+            chain = _digest(chain, name, params_hash(cfg.step_params[name]))
+            chains.append(chain)
+        force = force | self._recompute_discarded(store, todo, chains, force)
+        forced = False
+        for name, chain in zip(todo, chains):
             step = get_step(name)
             params = cfg.step_params[name]
-            chain = _digest(chain, name, params_hash(params))
             forced = forced or name in force
             info = store.info(name)
             if info is not None and (forced or info.get("hash") != chain):
@@ -350,7 +372,28 @@ class Project:
                     store.delete(name)  # an error leaves the store as it was before the step
                 raise
             report.done.append(name)
+            if self.keep == "last" and not store.info(name).get("alias"):
+                # the step just written was the only reader of its input's images
+                source = store.info(prev).get("alias") or prev
+                if source != INPUT:
+                    store.discard(source, [channel_key(ch) for ch in cfg.channels])
             prev = name
+
+    @staticmethod
+    def _recompute_discarded(store: ProjectStore, todo: list[str], chains: list[str], force: set[str]) -> set[str]:
+        """Steps to redo because the first step to compute reads images discarded by ``keep='last'``."""
+        first = None
+        for i, (name, chain) in enumerate(zip(todo, chains)):
+            info = store.info(name)
+            if name in force or info is None or info.get("hash") != chain or not info.get("complete"):
+                first = i
+                break
+        if first is None:
+            return set()
+        start = first
+        while start > 0 and _discarded(store, todo[start - 1]):
+            start -= 1
+        return {todo[start]} if start < first else set()
 
     def _run_step(self, store: ProjectStore, step, params, prev: str, chain: str, distributed: bool) -> int:
         cfg = self.config
@@ -424,6 +467,12 @@ class Project:
     def _lazy(store: ProjectStore, step: str, channel: str) -> da.Array:
         arr = store.array(store.node(step, channel))
         return da.from_zarr(arr, chunks=arr.chunks)
+
+
+def _discarded(store: ProjectStore, step: str) -> bool:
+    """True when the images of ``step`` (or of the step it aliases) were discarded (``keep='last'``)."""
+    info = store.info(step) or {}
+    return bool((store.info(info.get("alias") or step) or {}).get("discarded"))
 
 
 def _ingest_chunk(source: ChannelSource, start: int, stop: int, store_path: str, node: str) -> int:

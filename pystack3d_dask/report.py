@@ -132,7 +132,8 @@ def plot_step(project, step: str, *, channel: str | None = None,
     for ch in channels:
         paths.append(plot_stats(project, step, ch, folder))
         paths += plot_state(project, step, ch, folder)
-        paths.append(plot_cuts(project, step, ch, folder))
+        if project.has_images(step):
+            paths.append(plot_cuts(project, step, ch, folder))
     return paths
 
 

@@ -189,6 +189,15 @@ class ProjectStore:
             shutil.rmtree(self.path / step, ignore_errors=False)
         _open_array.cache_clear()
 
+    def discard(self, step: str, channel_keys: list[str]) -> None:
+        """Delete a step's images, keeping its statistics, state and attributes."""
+        group = self.root[step]
+        for key in channel_keys:
+            if key in group:
+                del group[key]
+        group.attrs["discarded"] = True
+        _open_array.cache_clear()
+
     def node(self, step: str, channel: str) -> str:
         """Name of the result array of ``step`` for ``channel`` (following aliases)."""
         info = self.info(step) or {}

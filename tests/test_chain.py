@@ -20,6 +20,11 @@ def runs(tmp_path_factory, local_cluster):
         project = Project(toml, quiet=True, **kwargs)
         project.run()
         out[name] = {step: project.result(step).compute() for step in project.config.process_steps}
+    toml, _ = write_demo_project(tmp_path_factory.mktemp("chainlast"), shape=(36, 48, 48))
+    project = Project(toml, quiet=True, chunk_slices=7, keep="last")
+    project.run()
+    out["last"] = {step: project.result(step).compute() for step in project.config.process_steps
+                   if project.has_images(step)}
     return out
 
 
@@ -27,3 +32,11 @@ def runs(tmp_path_factory, local_cluster):
 def test_every_step_is_identical_whatever_the_chunking_and_scheduler(runs, variant):
     for step, expected in runs["1"].items():
         np.testing.assert_array_equal(runs[variant][step], expected, err_msg=step)
+
+
+def test_keep_last_gives_the_same_final_images(runs):
+    last = runs["last"]
+    # left: the last images, and cropping's, which are the input's (a crop to the whole image is no copy)
+    assert list(last) == ["cropping", "cropping_final"]
+    for step, images in last.items():
+        np.testing.assert_array_equal(images, runs["1"][step], err_msg=step)

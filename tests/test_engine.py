@@ -269,3 +269,25 @@ def test_results_of_unknown_steps_or_channels_are_clear_errors(tmp_path):
         project.result("cropping_final")
     with pytest.raises(ConfigError, match=r"channel = 'C' is invalid: expected one of \['A', 'B'\]"):
         project.stats("cropping", "C")
+
+
+def test_keep_last_stores_only_the_input_and_the_last_images(tmp_path):
+    stacks = make_project(tmp_path)
+    project = Project(tmp_path, quiet=True, keep="last", chunk_slices=4)
+    project.run()
+    store = tmp_path / "pystack3d_dask.zarr"
+    assert not (store / "cropping" / "A").exists() and (store / "cropping_final" / "A").exists()
+    np.testing.assert_array_equal(project.result("cropping_final", "B").compute(), expected(stacks["B"]))
+    assert len(project.stats("cropping", "A")["mean"]) == 13  # statistics and state stay
+    assert not project.has_images("cropping") and project.has_images("cropping_final")
+    with pytest.raises(StoreError, match=r"images of step 'cropping' were discarded \(keep='last'\)"):
+        project.result("cropping", "A")
+    assert Project(tmp_path, quiet=True, keep="last", chunk_slices=4).run().done == []
+    # the last step changes: its input images are gone, so the step before is computed again
+    (tmp_path / "params.toml").write_text(PARAMS.format(channels=["A", "B"]).replace("[1, 15, 3, 20]",
+                                                                                     "[1, 16, 3, 20]"))
+    report = Project(tmp_path, quiet=True, keep="last", chunk_slices=4).run()
+    assert report.done == ["cropping", "cropping_final"]
+    h = stacks["A"].shape[1] - 1
+    np.testing.assert_array_equal(Project(tmp_path).result("cropping_final", "A").compute(),
+                                  stacks["A"][:, :h, 2:][:, h - 20 : h - 3, 1:16])
