@@ -403,7 +403,8 @@ class Project:
         store.set_info(name, hash=chain, complete=False, input=prev, params=_jsonable(params))
         previous = self._previous_states(store, name)
         inputs = {ch: self._lazy(store, prev, ch) for ch in cfg.channels}
-        input_stats = {ch: store.stats(store.node(prev, ch))[:, 3:6] for ch in cfg.channels}
+        ctxs = {ch: self._ctx(ch, zpos_in, distributed, previous.get(ch, {}),
+                              store.stats(store.node(prev, ch))[:, 3:6]) for ch in cfg.channels}
         states = {}
         for ch in _state_order(step, params, cfg):
             key = _state_key(step, cfg, ch)
@@ -411,9 +412,8 @@ class Project:
                 continue
             state = store.load_state(name, key)
             if state is None:
-                ctx = self._ctx(ch, zpos_in, distributed, previous.get(ch, {}), input_stats[ch])
                 with state_progress(f"{name} (state)", quiet=self.quiet, distributed=distributed):
-                    state = step.state(inputs[ch], params, ctx)
+                    state = step.state(inputs[ch], params, ctxs[ch])
                 store.save_state(name, key, state)
             states[key] = state
         tasks, total, zpos_out, alias = [], 0, zpos_in, None
@@ -422,8 +422,7 @@ class Project:
             if "zpos" in state:
                 zpos_out = np.asarray(state["zpos"], float)
             x = inputs[ch]
-            out = step.apply(x, params, state,
-                             self._ctx(ch, zpos_in, distributed, previous.get(ch, {}), input_stats[ch]))
+            out = step.apply(x, params, state, ctxs[ch])
             if out is None:  # images unchanged: the result is the previous step's array
                 alias = (prev_info.get("alias") or prev)
                 continue

@@ -113,6 +113,23 @@ def as_stack(arr: Any, *, chunk_slices: int | None = None) -> da.Array:
     return x.rechunk((chunk_slices, -1, -1))
 
 
+def per_slice(stack: da.Array, kernel: Callable, width: int, dtype, **kwargs) -> da.Array:
+    """Lazy ``(nz, width)`` table from ``kernel(block, **kwargs) -> (cz, width)`` on each chunk."""
+    return stack.map_blocks(kernel, **kwargs, drop_axis=2, chunks=(stack.chunks[0], (width,)),
+                            dtype=dtype, meta=np.empty((0, 0), dtype))
+
+
+def map_slices(stack: da.Array, kernel: Callable, table: np.ndarray, *, dtype=np.float32, **kwargs) -> da.Array:
+    """Lazy ``kernel(block, rows, **kwargs)`` on each chunk, ``rows`` = its slices' rows of ``table``.
+
+    Each task receives only its own rows of the small per-slice ``table``
+    (``(nz, ...)``, flattened to ``(nz, k)``), never the whole table.
+    """
+    rows = da.from_array(np.asarray(table).reshape(stack.shape[0], -1), chunks=(stack.chunks[0], -1))
+    return da.blockwise(kernel, "zyx", stack, "zyx", rows, "zk", concatenate=True, dtype=dtype,
+                        meta=np.empty((0, 0, 0), dtype), **kwargs)
+
+
 def default_chunk_slices(shape: tuple[int, ...], dtype: Any, *, target_mib: float = 32.0) -> int:
     """Slices per chunk so a chunk of ``dtype`` is about ``target_mib`` MiB (at least 1)."""
     slice_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize

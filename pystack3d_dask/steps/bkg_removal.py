@@ -56,7 +56,7 @@ from pystack3d_dask.kernels.polyfit import (
     sample_sums,
     xy_coefficients,
 )
-from pystack3d_dask.steps.base import State, Step, StepContext, run_step
+from pystack3d_dask.steps.base import State, Step, StepContext, map_slices, run_step
 
 SECTION = "bkg_removal"
 
@@ -227,12 +227,8 @@ def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da
     coefs = np.broadcast_to(np.asarray(state["coefs"], np.float64), (nz, len(terms)))
     offset = np.broadcast_to(np.asarray(state["offset"], np.float64), (nz,))
     z = coordinates(nz) if params.fit_dim == 3 else np.zeros(nz)
-    table = da.from_array(np.column_stack([z, offset, coefs]), chunks=(stack.chunks[0], -1))
-    dtype = np.result_type(stack.dtype, np.float32)
-    return da.blockwise(
-        remove_background, "zyx", stack, "zyx", table, "zc", dtype=dtype, concatenate=True,
-        meta=np.empty((0, 0, 0), dtype), terms=terms, **params.thresholds,
-    )
+    return map_slices(stack, remove_background, np.column_stack([z, offset, coefs]),
+                      dtype=np.result_type(stack.dtype, np.float32), terms=terms, **params.thresholds)
 
 
 STEP = Step(name=SECTION, Params=Params, apply=apply, compute_state=compute_state)

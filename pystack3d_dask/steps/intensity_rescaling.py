@@ -39,7 +39,7 @@ import numpy as np
 from pystack3d_dask.config import check
 from pystack3d_dask.errors import StepError
 from pystack3d_dask.kernels import histmatch
-from pystack3d_dask.steps.base import State, Step, StepContext, run_step
+from pystack3d_dask.steps.base import State, Step, StepContext, map_slices, per_slice, run_step
 
 SECTION = "intensity_rescaling"
 
@@ -61,26 +61,6 @@ class Params:
                   list(self.range_bins), "expected [min, max] with finite min < max")
         check(self.filter_size == -1 or self.filter_size >= 1, SECTION, "filter_size", self.filter_size,
               "expected -1 (mean of all slices) or a window length >= 1")
-
-
-# -- per-slice helpers shared with intensity_rescaling_area ------------------------------------
-
-
-def per_slice(stack: da.Array, kernel: Callable, width: int, dtype, **kwargs) -> da.Array:
-    """Lazy ``(nz, width)`` table from ``kernel(block, **kwargs) -> (cz, width)`` on each chunk."""
-    return stack.map_blocks(kernel, **kwargs, drop_axis=2, chunks=(stack.chunks[0], (width,)),
-                            dtype=dtype, meta=np.empty((0, 0), dtype))
-
-
-def map_slices(stack: da.Array, kernel: Callable, table: np.ndarray, **kwargs) -> da.Array:
-    """Lazy float32 ``kernel(block, rows, **kwargs)`` on each chunk, ``rows`` = its slices' rows of ``table``.
-
-    Each task receives only its own rows of the small per-slice ``table``
-    (``(nz, ...)``), never the whole table.
-    """
-    rows = da.from_array(np.asarray(table).reshape(stack.shape[0], -1), chunks=(stack.chunks[0], -1))
-    return da.blockwise(kernel, "zyx", stack, "zyx", rows, "zk", concatenate=True, dtype=np.float32,
-                        meta=np.empty((0, 0, 0), np.float32), **kwargs)
 
 
 # -- the step ------------------------------------------------------------------------------------

@@ -23,8 +23,7 @@ from pystack3d_dask.config import check
 from pystack3d_dask.errors import StepError
 from pystack3d_dask.kernels import histmatch
 from pystack3d_dask.kernels.crop import EDGE, area_slices
-from pystack3d_dask.steps.base import State, Step, StepContext, run_step
-from pystack3d_dask.steps.intensity_rescaling import map_slices, per_slice
+from pystack3d_dask.steps.base import State, Step, StepContext, map_slices, per_slice, run_step
 
 SECTION = "intensity_rescaling_area"
 
