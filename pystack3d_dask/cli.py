@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import warnings
 
-from pystack3d_dask.errors import PyStack3DError
+from pystack3d_dask.errors import Interrupted, PyStack3DError
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     except PyStack3DError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # SIGINT or SIGTERM during a run
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a run (discovery, export...)
+        print(Interrupted(signal.SIGINT), file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _run(args) -> int:

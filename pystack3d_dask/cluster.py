@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 from collections.abc import Iterator
 from typing import Literal
 
 import dask
 
 from pystack3d_dask.config import check
+from pystack3d_dask.signals import keep_handlers
 
 ClusterType = Literal["threads", "local", "address", "slurm", "pbs", "sge", "lsf", "oar", "htcondor"]
 _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster",
@@ -122,7 +124,9 @@ def scheduler(cfg: ClusterConfig | None, *, nproc: int = 1) -> Iterator[bool]:
                                   dashboard_address=":0")
     else:
         try:
-            import dask_jobqueue
+            # its runner module sets SIGINT's handler to sys.exit at import
+            with keep_handlers(signal.SIGINT):
+                import dask_jobqueue
         except ImportError:
             from pystack3d_dask.errors import ConfigError
 

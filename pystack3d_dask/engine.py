@@ -37,6 +37,7 @@ from pystack3d_dask.errors import ConfigError, StoreError
 from pystack3d_dask.io.tiff import ChannelSource, discover, read_slices
 from pystack3d_dask.progress import execute, state_progress
 from pystack3d_dask.project_config import ProjectConfig, load_config
+from pystack3d_dask.signals import interruptible
 from pystack3d_dask.steps import get_step
 from pystack3d_dask.steps.base import StepContext, default_chunk_slices
 from pystack3d_dask.store import (
@@ -159,7 +160,7 @@ class Project:
         zpos = self._zpos(sources[0])
         check_writable(self.output_dir)
         report = RunReport()
-        with project_lock(self.output_dir):
+        with interruptible(), project_lock(self.output_dir):
             new_store = not self.store_path.exists()
             try:
                 store = ProjectStore(self.store_path, compression=self.compression)
@@ -170,7 +171,8 @@ class Project:
                     self._run_steps(store, todo, force, report, distributed)
             except Exception:
                 # An error (bad input, bad parameter) leaves the disk as it was; an interruption
-                # (Ctrl-C, SIGKILL) keeps what is written, for the next run to resume from.
+                # (Ctrl-C, SIGTERM, SIGKILL, a walltime) keeps what is written, for the next run
+                # to resume from: it is not an Exception (see signals.py).
                 if new_store:
                     shutil.rmtree(self.store_path, ignore_errors=True)
                 raise
@@ -367,8 +369,8 @@ class Project:
                 start = time.perf_counter()
                 report.computed[name] = self._run_step(store, step, params, prev, chain, distributed)
                 report.seconds[name] = time.perf_counter() - start
-            except BaseException as exc:
-                if created and not isinstance(exc, KeyboardInterrupt):
+            except Exception:
+                if created:
                     store.delete(name)  # an error leaves the store as it was before the step
                 raise
             report.done.append(name)

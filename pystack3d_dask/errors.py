@@ -26,3 +26,20 @@ class StoreError(PyStack3DError, OSError):
 
 class StepError(PyStack3DError, ValueError):
     """A step cannot run on this data (e.g. a threshold leaves no pixel in a slice)."""
+
+
+class Interrupted(BaseException):
+    """A run was stopped by a signal (Ctrl-C, SIGTERM): every chunk written is kept.
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so that the ``except
+    Exception`` clauses that roll back an error's partial work let it through.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__("interrupted; run again to resume")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's status for a process ended by this signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum

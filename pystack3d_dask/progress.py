@@ -104,10 +104,10 @@ def _execute_distributed(tasks: Sequence[Delayed], bar, *, drain_timeout: float 
             if pending:  # keep the window full
                 futures.append(client.compute(pending.pop(0)))
                 completed.add(futures[-1])
-    except BaseException:
+    except Exception:
         client.cancel(futures)
-        # A cancelled task already running on a worker still finishes: wait until none of
-        # ours is processing, so nothing writes after we return.
+        # The caller rolls the step back, and a cancelled task already running on a worker
+        # still finishes: wait until none of ours is processing, so nothing writes after we return.
         keys = {f.key for f in futures}
         deadline = time.monotonic() + drain_timeout
         while time.monotonic() < deadline:
@@ -115,4 +115,8 @@ def _execute_distributed(tasks: Sequence[Delayed], bar, *, drain_timeout: float 
             if not busy & keys:
                 break
             time.sleep(0.05)
+        raise
+    except BaseException:
+        # An interruption keeps what is written (each chunk is written atomically): no need to wait.
+        client.cancel(futures)
         raise

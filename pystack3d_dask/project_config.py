@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ def _build(table: dict, base: Path, toml_path: Path | None) -> ProjectConfig:
           "expected a non-empty list of distinct sub-folder names")
     nproc = top.get("nproc", 1)
     check(nproc >= 1, "", "nproc", nproc, "expected an integer >= 1")
+    nproc = _cap_nproc(nproc)
     project_dir = Path(top.get("project_dir", base)).expanduser()
     if not project_dir.is_absolute():
         project_dir = base / project_dir
@@ -141,3 +143,13 @@ def _build(table: dict, base: Path, toml_path: Path | None) -> ProjectConfig:
         ind_max=ind_max, channels=channels, nproc=nproc, history=history, cluster=cluster,
         toml_path=toml_path,
     )
+
+
+def _cap_nproc(nproc: int) -> int:
+    """``nproc``, at most the cores this process may use (more only oversubscribes them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if nproc > cores:
+        warnings.warn(f"nproc = {nproc} is more than the {cores} cores of this machine: using {cores}.",
+                      stacklevel=3)
+        return cores
+    return nproc

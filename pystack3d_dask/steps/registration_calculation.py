@@ -8,8 +8,7 @@ along z), so every pair is computed exactly once whatever the chunking.
 The step computes its state once, on the reference channel, and leaves the
 images unchanged; ``registration_transformation`` applies the matrices to
 every channel.  pystackreg holds the GIL, so without a ``distributed`` client
-the pairs run in a pool of ``nproc`` processes, started on first use and kept
-for the session.
+the pairs run in a pool of ``nproc`` processes, started for the step.
 """
 
 from __future__ import annotations
@@ -84,22 +83,16 @@ def _chunk_matrices(block: np.ndarray, params: Params, origin: tuple[int, int], 
     )
 
 
-#: worker pools by size, kept for the session: starting processes costs ~0.5 s per call
-_POOLS: dict[int, ProcessPoolExecutor] = {}
-
-
 def _compute_in_processes(matrices: da.Array, nproc: int) -> np.ndarray:
     """Compute ``matrices`` in a pool of ``nproc`` processes, one task at a time per worker."""
-    pool = _POOLS.get(nproc)
-    if pool is None:
-        pool = _POOLS[nproc] = ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"))
+    # A pool for this call only, shut down on every way out (an error, Ctrl-C, SIGTERM) once
+    # its running tasks end: no worker process outlives the step.  Starting it costs ~0.5 s.
+    pool = ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"))
     try:
         # chunksize=1: dask's default batches of tasks leave one worker idle at the end
         (mats,) = dask.compute(matrices, scheduler="processes", pool=pool, chunksize=1)
-    except BaseException:
-        del _POOLS[nproc]  # a worker may have died: start afresh next time
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return mats
 
 

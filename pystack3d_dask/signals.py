@@ -1,0 +1,72 @@
+"""Ctrl-C and SIGTERM during a run: stop it cleanly, never lose its written work.
+
+For the duration of a run, SIGINT and SIGTERM raise
+:class:`~pystack3d_dask.errors.Interrupted` in the main thread, so that the
+``finally`` clauses close the worker processes, clusters and batch jobs, and
+every chunk already written stays for the next run to resume from.  Our own
+handlers are needed because the defaults do not hold: SIGTERM's kills the
+process at once (its worker processes survive), and libraries replace
+SIGINT's at import (``dask_jobqueue`` installs ``sys.exit``).  The previous
+handlers are restored when the run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+
+from pystack3d_dask.errors import Interrupted
+
+log = logging.getLogger("pystack3d_dask")
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` while the block runs (main thread only).
+
+    The first signal raises; later ones, arriving while the run shuts its
+    workers down, are only logged: an exception there would leave worker
+    processes or batch jobs behind.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    stopping = False
+
+    def handler(signum: int, frame) -> None:
+        nonlocal stopping
+        if stopping:
+            log.warning("stopping: closing the workers, please wait")
+            return
+        stopping = True
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
+@contextlib.contextmanager
+def keep_handlers(*signals: int) -> Iterator[None]:
+    """Restore the handlers of ``signals`` after the block (for imports that replace them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
+def _restore(handlers: dict) -> None:
+    for sig, old in handlers.items():
+        # None: a handler set outside Python; the default is the closest we can restore
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)

@@ -1,0 +1,121 @@
+"""Ctrl-C and SIGTERM during a run: one line, exit 130 / 143, written chunks kept, no process left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from conftest import random_stack, write_params, write_slices
+
+from pystack3d_dask.engine import Project
+from pystack3d_dask.store import STORE_NAME
+
+DESTRIPING = """
+nproc = 2
+process_steps = ["destriping"]
+[destriping]
+maxit = 200
+cvg_threshold = 0
+filters = [{ name = "Gabor", noise_level = 20, sigma = [0.5, 20], theta = 0 }]
+"""
+REGISTRATION = """
+nproc = 2
+process_steps = ["registration_calculation"]
+[registration_calculation]
+transformation = "AFFINE"
+"""
+#: a run in a fresh interpreter; ``dask_jobqueue`` imported first replaces SIGINT's handler
+RUNNER = "import sys{imports}; from pystack3d_dask.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _done_chunks(project: Path, step: str) -> int:
+    """Chunks of ``step`` whose statistics (written last, with the done flag) are on disk."""
+    folder = project / STORE_NAME / step / "_stats" / "_" / "c"
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def _interrupt(project: Path, sig: int, *, step: str, cluster: str = "threads", imports: str = "",
+               timeout: float = 240) -> tuple[subprocess.CompletedProcess, int, set[int]]:
+    """Run the CLI on ``project``, send ``sig`` once a chunk of ``step`` is written (or its pool is up).
+
+    Returns the finished process, the chunks done when the signal was sent and the
+    ids of every process the run started.
+    """
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-c", RUNNER.format(imports=imports), "-q", "run", str(project), "--no-plots",
+           "--cluster", cluster, "--chunk-mib", "0.001"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parent, children = psutil.Process(proc.pid), set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with_pool = step == "registration_calculation" and (project / STORE_NAME / step).exists()
+        try:
+            children |= {c.pid for c in parent.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            break
+        if _done_chunks(project, step) > 0 or (with_pool and len(children) >= 2):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()}"
+    done = _done_chunks(project, step)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), done, children
+
+
+def _check_stopped(result: subprocess.CompletedProcess, sig: int, children: set[int]) -> None:
+    assert result.returncode == 128 + sig, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "interrupted; run again to resume", result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    time.sleep(1)  # processes that would outlive the run are orphans by now
+    alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"processes outlived the run: {[psutil.Process(p).cmdline() for p in alive]}"
+
+
+def _project(tmp_path: Path, name: str, stack: np.ndarray, params: str) -> Path:
+    write_slices(tmp_path / name, stack)
+    write_params(tmp_path / name, params)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(("sig", "cluster", "imports"), [
+    (signal.SIGINT, "threads", ""),
+    (signal.SIGTERM, "local", ""),
+    (signal.SIGINT, "local", "; import dask_jobqueue"),
+], ids=["sigint-threads", "sigterm-local", "sigint-after-dask_jobqueue"])
+def test_interrupted_run_keeps_its_chunks_and_resumes(tmp_path, sig, cluster, imports):
+    stack = random_stack((10, 64, 64), "uint8")
+    project = _project(tmp_path, "run", stack, DESTRIPING)
+    result, done, children = _interrupt(project, sig, step="destriping", cluster=cluster, imports=imports)
+    _check_stopped(result, sig, children)
+    assert done >= 1 and _done_chunks(project, "destriping") >= done, "written chunks were deleted"
+    assert _done_chunks(project, "destriping") < len(stack), "the step ended before the signal: test proved nothing"
+    resumed = Project(project, quiet=True, chunk_mib=0.001).run()
+    assert resumed.computed["destriping"] < len(stack)  # only the missing chunks
+    reference = Project(_project(tmp_path, "reference", stack, DESTRIPING), quiet=True, chunk_mib=0.001)
+    reference.run()
+    np.testing.assert_array_equal(Project(project).result("destriping").compute(),
+                                  reference.result("destriping").compute())
+
+
+def test_sigterm_stops_the_registration_pool(tmp_path):
+    stack = random_stack((40, 128, 128), "uint8")
+    project = _project(tmp_path, "run", stack, REGISTRATION)
+    result, _, children = _interrupt(project, signal.SIGTERM, step="registration_calculation")
+    assert len(children) >= 2, "the process pool never started: the test proved nothing"
+    _check_stopped(result, signal.SIGTERM, children)
+
+
+def test_nproc_above_the_cores_is_capped(tmp_path):
+    project = _project(tmp_path, "run", random_stack((2, 16, 16)),
+                       DESTRIPING.replace("nproc = 2", "nproc = 100000"))
+    with pytest.warns(UserWarning, match=r"nproc = 100000 is more than the \d+ cores of this machine: using \d+"):
+        config = Project(project).config
+    assert config.nproc == len(os.sched_getaffinity(0))
