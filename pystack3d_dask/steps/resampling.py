@@ -26,6 +26,8 @@ import warnings
 
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 
 from pystack3d_dask.config import check
 from pystack3d_dask.errors import StepError
@@ -112,18 +114,29 @@ def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da
     lower, upper, weight = brackets(zin, np.asarray(state["zpos"], dtype=np.float64))
     cz = max(stack.chunks[0])
     dtype = output_dtype(stack.dtype)
-    pieces = []
-    for a in range(0, len(weight), cz):
+    starts = np.cumsum((0,) + stack.chunks[0])
+    name = f"{SECTION}-{tokenize(stack, lower, upper, weight)}"
+    # One task per output chunk, given the whole input chunks that hold its brackets.  The
+    # layer is written out directly: slicing the input once per output chunk cost ~10 ms of
+    # graph work each (minutes for 10 000 chunks); this costs microseconds.
+    layer, sizes = {}, []
+    for i, a in enumerate(range(0, len(weight), cz)):
         b = min(a + cz, len(weight))
-        # the contiguous run of input slices this output chunk needs, in one block: it spans
-        # at most the input chunks holding its brackets (possibly the neighbouring one)
-        lo, hi = int(lower[a]), int(upper[b - 1]) + 1
-        run = stack[lo:hi].rechunk((-1, -1, -1))
-        pieces.append(run.map_blocks(interpolate, lower[a:b] - lo, upper[a:b] - lo, weight[a:b],
-                                     chunks=((b - a,),) + run.chunks[1:], dtype=dtype,
-                                     meta=np.empty((0, 0, 0), dtype)))
-    return da.concatenate(pieces)
+        first = int(np.searchsorted(starts, lower[a], side="right")) - 1
+        last = int(np.searchsorted(starts, upper[b - 1], side="right")) - 1
+        blocks = [(stack.name, k) + (0,) * (stack.ndim - 1) for k in range(first, last + 1)]
+        offset = starts[first]
+        layer[(name, i) + (0,) * (stack.ndim - 1)] = (
+            _interpolate_blocks, blocks, lower[a:b] - offset, upper[a:b] - offset, weight[a:b])
+        sizes.append(b - a)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[stack])
+    return da.Array(graph, name, chunks=(tuple(sizes),) + stack.chunks[1:], dtype=dtype,
+                    meta=np.empty((0, 0, 0), dtype))
 
+
+def _interpolate_blocks(blocks: list[np.ndarray], lower: np.ndarray, upper: np.ndarray,
+                        weight: np.ndarray) -> np.ndarray:
+    return interpolate(blocks[0] if len(blocks) == 1 else np.concatenate(blocks), lower, upper, weight)
 
 
 STEP = Step(name=SECTION, Params=Params, apply=apply, compute_state=compute_state)
