@@ -1,0 +1,122 @@
+"""Paper plan for a stack too big to try: every step's graph built, never computed.
+
+    python benchmarks/plan_big_stack.py [--shape 10000,8192,8192] [--dtype uint16] [--nproc 64]
+
+The input is a Zarr array with no chunk written (metadata only), as the engine
+would open the ingested stack; each step reads the previous step's result the
+same way.  A step's global state is computed from a small stack of the same
+dtype and its per-slice rows repeated to the big stack's length (the plan is
+about graph and store sizes, not values); the states that need no data
+(:data:`DATA_FREE`) are computed for the big stack itself, under a scheduler
+that refuses to run anything.
+
+Printed per step: output shape, tasks in the step's graph, graph build time
+(state included), write tasks (one per chunk), files the step adds to the store
+(a chunk file per result, statistics and write-pass table chunk), and the driver
+memory the graph takes (tracemalloc peak while building it); then the memory
+one task needs at the largest step (VSNR: about 13x the float32 slice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from pystack3d_dask.engine import CHUNK_MIB
+from pystack3d_dask.project_config import load_config
+from pystack3d_dask.steps import get_step
+from pystack3d_dask.steps.base import StepContext, default_chunk_slices, run_step
+
+CONFIG = Path(__file__).parents[1] / "configs" / "pystack3d_params.toml"
+#: z spacing of the plan's slices (micrometres)
+DZ = 0.01
+#: slices of the small stack the data-dependent states come from (enough for a 3-D fit at skip 10)
+NSMALL = 40
+#: steps whose state comes from parameters and earlier states only
+DATA_FREE = ("registration_transformation", "resampling")
+
+
+def _refuse(*args, **kwargs):
+    raise RuntimeError("the plan tried to compute data")
+
+
+def _lazy_input(folder: Path, name: str, shape: tuple[int, ...], dtype) -> da.Array:
+    cz = default_chunk_slices(shape, dtype, target_mib=CHUNK_MIB)
+    arr = zarr.create_array(folder / f"{name}.zarr", shape=shape, chunks=(cz,) + shape[1:], dtype=dtype,
+                            fill_value=0)
+    return da.from_zarr(arr, chunks=arr.chunks)
+
+
+def _stretch(value, small: int, big: int):
+    """Repeat the per-slice rows of a state value from ``small`` to ``big`` slices."""
+    if isinstance(value, np.ndarray) and value.ndim and value.shape[0] == small:
+        return np.resize(value, (big,) + value.shape[1:])
+    return value
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="10000,8192,8192", help="N,H,W of the stack")
+    parser.add_argument("--dtype", default="uint16")
+    args = parser.parse_args(argv)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    dtype = np.dtype(args.dtype)
+    cfg = load_config(CONFIG)
+    folder = Path(tempfile.mkdtemp(prefix="plan_"))
+    small = np.random.default_rng(0).integers(10, 200, (NSMALL, 96, 96)).astype(dtype)
+    small_states, big_states = {}, {}
+    zpos = np.arange(shape[0]) * DZ
+    gib = shape[1] * shape[2] * dtype.itemsize / 2**30 * shape[0]
+    print(f"{shape[0]} x {shape[1]} x {shape[2]} {dtype} ({gib:,.0f} GiB), chunks of about {CHUNK_MIB:g} MiB")
+    print(f"{'step':<29}{'output shape':>24}{'tasks':>9}{'build s':>9}{'writes':>8}{'files':>8}{'graph MiB':>11}")
+    for name in cfg.process_steps:
+        step, params = get_step(name), cfg.step_params[name]
+        x = _lazy_input(folder, name, shape, dtype)
+        out_small, small_states[name] = run_step(step, small, zpos=np.arange(NSMALL) * DZ, previous=small_states,
+                                                 **{f.name: getattr(params, f.name) for f in _fields(params)})
+        small = out_small.compute()
+        ctx = StepContext(zpos=zpos, nproc=2, previous=big_states)
+        tracemalloc.start()
+        start = time.perf_counter()
+        with dask.config.set(scheduler=_refuse):
+            if name in DATA_FREE:
+                state = step.state(x, params, ctx)
+            else:
+                state = {k: _stretch(v, NSMALL, shape[0]) for k, v in small_states[name].items()}
+                if "shape" in state:  # the slice size the state was computed on
+                    state["shape"] = list(shape[1:])
+            out = step.apply(x, params, state, ctx)
+        build = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        big_states[name] = state
+        if out is None:
+            print(f"{name:<29}{'(images unchanged)':>24}{0:9d}{build:9.2f}{0:8d}{0:8d}{peak:11.1f}")
+            continue
+        tasks = len(out.__dask_graph__())
+        writes = len(out.chunks[0])
+        files = writes * (2 + (step.write_reduction is not None))
+        print(f"{name:<29}{str(out.shape):>24}{tasks:9d}{build:9.2f}{writes:8d}{files:8d}{peak:11.1f}")
+        shape, zpos = out.shape, np.asarray(state.get("zpos", zpos), float)
+    slice_mib = shape[1] * shape[2] * 4 / 2**20
+    print(f"one float32 slice: {slice_mib:,.0f} MiB; a VSNR task needs about {13 * slice_mib / 1024:,.1f} GiB "
+          f"(13x), a chunk of {CHUNK_MIB:g} MiB holds {default_chunk_slices(shape, dtype, target_mib=CHUNK_MIB)} "
+          "slice(s)")
+
+
+def _fields(params):
+    import dataclasses
+
+    return dataclasses.fields(params)
+
+
+if __name__ == "__main__":
+    main()
