@@ -11,19 +11,28 @@ the input files, the chunking and the parameters of this step and of every
 step before it.  A complete step whose hash matches is skipped; a step whose
 hash changed is recomputed with every step after it; a step with the same hash
 but missing chunks (a killed run) computes only those chunks.
+
+Each step (the ingest too) runs as one transaction (:meth:`Project._transact`):
+its result is written beside the old one, checked whole, then swapped in with
+its statistics and state.  An error removes only what the failing step wrote
+in this run; an interruption keeps every written chunk for the next run.
+Before a complete step is used, its chunks are checked whole (listing and
+sizes); damaged chunks are marked undone and recomputed, byte-identical.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +41,18 @@ import dask.array as da
 import numpy as np
 
 from pystack3d_dask.cluster import ClusterConfig, scheduler
-from pystack3d_dask.config import build_params, params_hash
-from pystack3d_dask.errors import ConfigError, StoreError
-from pystack3d_dask.io.tiff import ChannelSource, discover, read_slices
+from pystack3d_dask.config import build_params, params_hash, suggest
+from pystack3d_dask.errors import ConfigError, InputError, StoreError
+from pystack3d_dask.io.tiff import (
+    FINGERPRINT,
+    ChannelSource,
+    discover,
+    file_records,
+    input_changes,
+    read_slices,
+    slice_fingerprints,
+)
+from pystack3d_dask.kernels.crop import area_slices
 from pystack3d_dask.progress import execute, state_progress
 from pystack3d_dask.project_config import ProjectConfig, load_config
 from pystack3d_dask.signals import interruptible
@@ -50,6 +68,7 @@ from pystack3d_dask.store import (
     check_writable,
     project_lock,
     write_block,
+    write_error,
 )
 
 log = logging.getLogger("pystack3d_dask")
@@ -123,8 +142,12 @@ class Project:
         self.config: ProjectConfig = load_config(params)
         self.output_dir = Path(output_dir) if output_dir is not None else self.config.project_dir
         self.store_path = self.output_dir / STORE_NAME
-        if chunk_slices is not None and chunk_slices < 1:
+        if chunk_slices is not None and (isinstance(chunk_slices, bool) or not isinstance(chunk_slices, int)
+                                         or chunk_slices < 1):
             raise ConfigError(f"chunk_slices = {chunk_slices!r} is invalid: expected an integer >= 1.")
+        if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, (int, float)) or not (
+                math.isfinite(chunk_mib) and chunk_mib > 0):
+            raise ConfigError(f"chunk_mib = {chunk_mib!r} is invalid: expected a finite number of MiB > 0.")
         self.chunk_mib = chunk_mib
         self.chunk_slices = chunk_slices
         self.cluster = _cluster_config(cluster) if cluster is not None else self.config.cluster
@@ -135,6 +158,12 @@ class Project:
             raise ConfigError(f"keep = {keep!r} is invalid: expected 'all' or 'last'.")
         self.keep = keep
         self.quiet = quiet
+        nodes: dict[str, str] = {}
+        for ch in self.config.channels:
+            other = nodes.setdefault(channel_key(ch), ch)
+            if other != ch:
+                raise ConfigError(f"channels {other!r} and {ch!r} would be stored under one name "
+                                  f"({channel_key(ch)!r}): rename one of the folders.")
 
     # -- public API --------------------------------------------------------------------------------
     def run(self, steps: Sequence[str] | None = None, *, force: Iterable[str] = ()) -> RunReport:
@@ -146,17 +175,19 @@ class Project:
             Run only up to the last of these steps (earlier ones run if needed); ``[]``
             only ingests the input.
         force : iterable of str
-            Steps to recompute even if complete (with every step after them).
+            Steps to recompute even if complete (with every step after them); ``"input"``
+            ingests the images again, which is needed to accept changed input images.
         """
         cfg = self.config
         todo = list(cfg.steps_to_run)
         for name in list(steps or []) + list(force):
-            if name not in todo:
-                raise ConfigError(f"step {name!r} is not among the steps to run: {todo}.")
+            if name not in todo and not (name == INPUT and name in force):
+                raise ConfigError(f"step {name!r} is not among the steps to run{suggest(name, todo)}: {todo}.")
         if steps is not None:  # an empty list ingests only
             todo = todo[: max((todo.index(s) + 1 for s in steps), default=0)]
         force = set(force)
         sources = discover(cfg.project_dir, cfg.channels, ind_min=cfg.ind_min, ind_max=cfg.ind_max)
+        self._check_params(todo, sources[0])
         zpos = self._zpos(sources[0])
         check_writable(self.output_dir)
         report = RunReport()
@@ -164,25 +195,57 @@ class Project:
             new_store = not self.store_path.exists()
             try:
                 store = ProjectStore(self.store_path, compression=self.compression)
+                store.recover()
                 with scheduler(self.cluster, nproc=cfg.nproc) as distributed:
                     start = time.perf_counter()
-                    self._ingest(store, sources, zpos, report, distributed)
+                    self._ingest(store, sources, zpos, report, distributed, force=INPUT in force)
                     report.seconds[INPUT] = time.perf_counter() - start
                     self._run_steps(store, todo, force, report, distributed)
-            except Exception:
-                # An error (bad input, bad parameter) leaves the disk as it was; an interruption
-                # (Ctrl-C, SIGTERM, SIGKILL, a walltime) keeps what is written, for the next run
-                # to resume from: it is not an Exception (see signals.py).
-                if new_store:
+            except Exception as exc:
+                # An error (bad input, bad parameter) removes what the failing step wrote (see
+                # _transact), and a store that holds no complete result; an interruption (Ctrl-C,
+                # SIGTERM, SIGKILL, a walltime) keeps what is written, for the next run to resume
+                # from: it is not an Exception (see signals.py).
+                if new_store and not (self.store_path / INPUT).exists():
                     shutil.rmtree(self.store_path, ignore_errors=True)
+                if isinstance(exc, OSError) and not isinstance(exc, StoreError):
+                    raise write_error(exc, self.output_dir, 0) from None
                 raise
         return report
+
+    def verify(self) -> dict[str, dict[str, list[str]]]:
+        """Read every stored chunk through its checksum and check it against its completion record.
+
+        Damaged chunks are recorded as not done (their steps become incomplete), so that
+        the next :meth:`run` recomputes exactly them; a step whose metadata is unreadable
+        is removed, to be recomputed whole.
+
+        Returns
+        -------
+        dict
+            ``{step: {channel: [what is damaged, ...]}}``, empty when the store is whole.
+        """
+        found: dict[str, dict[str, list[str]]] = {}
+        with project_lock(self.output_dir):
+            store = self._open_store()
+            for step, channel, node, images in self._stored_nodes(store):
+                bad = store.verify_array(node, images=images, workers=max(1, self.config.nproc))
+                if bad:
+                    found.setdefault(step, {})[channel] = [bad[k] for k in sorted(bad, key=str)]
+                    self._record_damage(store, step, node, bad)
+            for step in store.steps():
+                for key in store.state_keys(step):
+                    try:
+                        store.load_state(step, key)
+                    except StoreError as exc:
+                        found.setdefault(step, {}).setdefault("_state", []).append(f"state {key}: {exc}")
+                        store.delete_state(step, key)
+        return found
 
     def result(self, step: str = INPUT, channel: str | None = None) -> da.Array:
         """The stored result of ``step`` (``"input"`` for the ingested stack) as a lazy array."""
         store, _, node = self._complete(step, channel)
-        arr = store.array(node)
-        return da.from_zarr(arr, chunks=arr.chunks)
+        return store.lazy(node)
 
     def has_images(self, step: str) -> bool:
         """True when ``step`` is complete and its images are stored (not discarded by ``keep='last'``)."""
@@ -223,7 +286,10 @@ class Project:
         return state
 
     def info(self) -> dict[str, Any]:
-        """Summary of the store: per step, completion, shape, chunks, dtype and statistics."""
+        """Summary of the store: per step, completion, shape, chunks, dtype and statistics.
+
+        A step whose chunks are missing or truncated has the status ``"damaged: ..."``.
+        """
         store = self._open_store()
         out = {"store": str(self.store_path), "channels": list(self.config.channels), "steps": {}}
         for step in (INPUT,) + self.config.process_steps:
@@ -236,32 +302,43 @@ class Project:
                 entry["status"] += " (images discarded)"
             if info.get("alias"):
                 entry["result"] = f"same images as {info['alias']}"
-            try:
+            damage = [d for ch in self.config.channels
+                      for d in store.damage(store.node(step, ch), images=not _discarded(store, step)).values()]
+            if damage:
+                entry["status"] = f"damaged: {damage[0]}" + (f" (and {len(damage) - 1} more)" if len(damage) > 1
+                                                             else "")
+            else:
                 node = store.node(step, self.config.channels[0])
-                arr = store.array(node)
-                done = store.done_chunks(node)
                 table = store.stats(node)
-                entry.update(shape=arr.shape, chunks=arr.chunks, dtype=str(arr.dtype),
-                             chunks_done=f"{int(done.sum())}/{done.size}",
-                             min=float(np.nanmin(table[:, 3])) if np.isfinite(table[:, 3]).any() else None,
-                             max=float(np.nanmax(table[:, 4])) if np.isfinite(table[:, 4]).any() else None,
-                             mean=float(np.nanmean(table[:, 5])) if np.isfinite(table[:, 5]).any() else None)
-            except KeyError:
-                pass
+                if not _discarded(store, step):
+                    arr = store.array(node)
+                    entry.update(shape=arr.shape, chunks=arr.chunks, dtype=str(arr.dtype))
+                done = store.done_chunks(node) if not _discarded(store, step) else None
+                if done is not None:
+                    entry["chunks_done"] = f"{int(done.sum())}/{done.size}"
+                for name, col, fn in (("min", 3, np.nanmin), ("max", 4, np.nanmax), ("mean", 5, np.nanmean)):
+                    entry[name] = float(fn(table[:, col])) if np.isfinite(table[:, col]).any() else None
             out["steps"][step] = entry
         return out
 
     def export(self, step: str, folder: str | os.PathLike, *, channel: str | None = None) -> Path:
-        """Write ``step``'s result as a folder of TIFF slices (z positions in the names)."""
+        """Write ``step``'s result as a folder of TIFF slices (z positions in the names).
+
+        A folder left by an interrupted export of the same step is completed.
+        """
         from pystack3d_dask.io.export import export_tiff
 
         return export_tiff(self.result(step, channel), folder, prefix=step, zpos=self.zpos(step))
 
     # -- internals --------------------------------------------------------------------------------
     def _complete(self, step: str, channel: str | None, *, images: bool = True) -> tuple[ProjectStore, dict, str]:
-        """The store, the step's attributes and its result node, or a clear error."""
+        """The store, the step's attributes and its whole result node, or a clear error."""
         if channel is not None and channel not in self.config.channels:
             raise ConfigError(f"channel = {channel!r} is invalid: expected one of {list(self.config.channels)}.")
+        known = (INPUT,) + self.config.process_steps
+        if step not in known:
+            raise ConfigError(f"step {step!r} is not in this project{suggest(step, known)}: expected one of "
+                              f"{list(known)}.")
         store = self._open_store()
         info = store.info(step)
         if info is None or not info.get("complete"):
@@ -269,12 +346,56 @@ class Project:
         if images and _discarded(store, step):
             raise StoreError(f"the images of step {step!r} were discarded (keep='last'): run with "
                              f"keep='all' (or --force {step}) to have them again.")
-        return store, info, store.node(step, channel or self.config.channels[0])
+        node = store.node(step, channel or self.config.channels[0])
+        damage = store.damage(node, images=images)
+        if damage:
+            raise StoreError(f"step {step!r} in {self.store_path} is damaged ({next(iter(damage.values()))}): "
+                             "run the project again to recompute it.")
+        return store, info, node
 
     def _open_store(self) -> ProjectStore:
         if not (self.store_path / "zarr.json").exists():
             raise StoreError(f"no store at {self.store_path}: run the project first.")
-        return ProjectStore(self.store_path)
+        store = ProjectStore(self.store_path)
+        channels = store.meta.get("channels")
+        if channels is not None and list(channels) != list(self.config.channels):
+            raise StoreError(f"the store {self.store_path} holds channels {channels}, not this project's "
+                             f"{list(self.config.channels)}: it was written for another project.")
+        return store
+
+    def _stored_nodes(self, store: ProjectStore) -> Iterator[tuple[str, str, str, bool]]:
+        """``(step, channel, node, images stored)`` of every complete step, each node once."""
+        seen = set()
+        for step in (INPUT,) + self.config.process_steps:
+            info = store.info(step)
+            if not info or not info.get("complete") or info.get("alias"):
+                continue
+            for ch in self.config.channels:
+                node = store.node(step, ch)
+                if node not in seen:
+                    seen.add(node)
+                    yield step, ch, node, not _discarded(store, step)
+
+    @staticmethod
+    def _record_damage(store: ProjectStore, step: str, node: str, bad: dict) -> None:
+        """Mark damaged chunks undone (the step whole when its metadata is unreadable)."""
+        if None in bad:
+            store.delete(step)
+        else:
+            store.mark_undone(step, node, [i for i in bad if i is not None])
+
+    def _check_params(self, todo: list[str], source: ChannelSource) -> None:
+        """Check every step's areas against the image shape known after discovery, before any work."""
+        shape = (source.nslices,) + source.shape
+        cfg = self.config
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # clipping is said when the step runs
+            for name in cfg.process_steps:
+                params = cfg.step_params[name]
+                area = getattr(params, "area", None)
+                if area is not None and name in todo:
+                    area_slices(area, shape[1:], key=f"[{name}] area")
+                shape = get_step(name).shape_out(params, shape)
 
     def _zpos(self, source: ChannelSource) -> np.ndarray | None:
         """z positions from the file names with the resampling ``policy``; required only by resampling."""
@@ -296,40 +417,108 @@ class Project:
             return min(self.chunk_slices, shape[0])
         return default_chunk_slices(shape, dtype, target_mib=self.chunk_mib)
 
+    def _transact(self, store: ProjectStore, name: str, chain: str, write: Callable[[str], int], *,
+                  fresh: bool) -> int:
+        """Run one step as a transaction: write beside the old result, check it whole, swap it in.
+
+        ``write(target)`` writes the step's result, statistics and state into the
+        group ``target`` and records it complete there; returns the slices computed.
+        An error removes what this run wrote for the step (the old result stays);
+        an interruption keeps it, for the next run to resume.
+        """
+        target = store.begin(name, chain, fresh=fresh)
+        created = not (store.path / target).exists()
+        try:
+            computed = write(target)
+            for ch in self.config.channels:
+                node = store.node(target, ch)
+                info = store.info(target)
+                if not info.get("alias") and (store.damage(node) or not store.done_chunks(node).all()):
+                    raise StoreError(f"{node} in {store.path} is not whole after it was written: the disk "
+                                     "lost a chunk; run again to recompute it.")
+        except Exception:
+            if created and target != name:
+                store.abort(name)
+            raise
+        store.commit(name, target)
+        return computed
+
     def _ingest(self, store: ProjectStore, sources: list[ChannelSource], zpos, report: RunReport,
-                distributed: bool) -> None:
+                distributed: bool, *, force: bool) -> None:
         cfg = self.config
         src0 = sources[0]
         shape = (src0.nslices,) + src0.shape
         cz = self._cz(shape, src0.dtype)
-        chain = _digest([s.fingerprint() for s in sources], cfg.channels, cfg.ind_min, cfg.ind_max, cz)
         info = store.info(INPUT)
-        if info is not None and info.get("hash") != chain:
-            report.messages.append("the input images, slice range or chunking changed: starting the store afresh")
-            for step in store.steps():
-                store.delete(step)
-            info = None
-        if info is not None and info.get("complete"):
-            report.skipped.append(INPUT)
-            return
-        store.set_meta(channels=list(cfg.channels), project_dir=str(cfg.project_dir))
-        store.set_info(INPUT, hash=chain, complete=False, zpos=None if zpos is None else zpos.tolist(),
-                       names=src0.names, first_index=cfg.ind_min)
-        tasks, total = [], 0
-        for src in sources:
-            node = store.create_result(INPUT, src.channel, shape, cz, src.dtype)
-            done = store.done_chunks(node)
-            for i, start in enumerate(range(0, shape[0], cz)):
-                if done[i]:
-                    continue
-                stop = min(start + cz, shape[0])
-                tasks.append(dask.delayed(_ingest_chunk)(src, start, stop, str(store.path), node,
-                                                         dask_key_name=f"write-input-{src.channel}-{i}"))
-                total += stop - start
-        execute(tasks, total=total, desc="ingest", distributed=distributed, quiet=self.quiet)
-        store.set_info(INPUT, complete=True)
+        chain = _digest([s.fingerprint() for s in sources], cfg.channels, cz)
+        if info is not None and not force:
+            changes = self._input_changes(store, info, sources, cz)
+            if changes:
+                raise InputError(f"the input changed since {self.store_path} was written ({'; '.join(changes)}): "
+                                 "every step would be recomputed from it. Run again with --force input "
+                                 "(Project.run(force=['input'])) to start afresh; until then every result "
+                                 "stays as it is.")
+            chain = info["hash"]
+            store.set_info(INPUT, files=file_records(sources))  # content checked: no rehash next time
+        if info is not None and info.get("complete") and info.get("hash") == chain and not force:
+            if not self._repair(store, INPUT, report):
+                report.skipped.append(INPUT)
+                return
+        elif info is not None:
+            report.messages.append("input: ingesting the images again (forced): every step will be recomputed")
+
+        def write(target: str) -> int:
+            store.set_meta(channels=list(cfg.channels), project_dir=str(cfg.project_dir))
+            store.set_info(target, hash=chain, complete=False, zpos=None if zpos is None else zpos.tolist(),
+                           names=src0.names, first_index=cfg.ind_min, files=file_records(sources),
+                           chunk_slices=cz)
+            tasks, total = [], 0
+            for src in sources:
+                node = store.create_result(target, src.channel, shape, cz, src.dtype, extra=FINGERPRINT)
+                done = store.done_chunks(node)
+                for i, start in enumerate(range(0, shape[0], cz)):
+                    if done[i]:
+                        continue
+                    stop = min(start + cz, shape[0])
+                    tasks.append(dask.delayed(_ingest_chunk)(src, start, stop, str(store.path), node,
+                                                             dask_key_name=f"write-input-{src.channel}-{i}"))
+                    total += stop - start
+            execute(tasks, total=total, desc="ingest", distributed=distributed, quiet=self.quiet)
+            store.set_info(target, complete=True)
+            return total
+
+        report.computed[INPUT] = self._transact(store, INPUT, chain, write, fresh=force)
         report.done.append(INPUT)
-        report.computed[INPUT] = total
+
+    def _input_changes(self, store: ProjectStore, info: dict, sources: list[ChannelSource], cz: int) -> list[str]:
+        """What changed in the input since the ingest (files, channels, chunking); empty if nothing."""
+        cfg = self.config
+        if info.get("files") is None:  # a store of format 1: its hash holds names, sizes and times
+            legacy = [[(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in s.files] + [s.pages]
+                      for s in sources]
+            hashes = {_digest(legacy, cfg.channels, cfg.ind_min, ind_max, cz) for ind_max in (cfg.ind_max, None)}
+            return [] if info.get("hash") in hashes else ["the input images, slice range or chunking changed"]
+        changes = []
+        stored = store.meta.get("channels")
+        if stored != list(cfg.channels):
+            return [f"channels {list(cfg.channels)}, {stored} at ingest"]
+        if info.get("chunk_slices") != cz:
+            changes.append(f"chunks of {cz} slices, {info.get('chunk_slices')} at ingest (chunk size options)")
+        return changes + input_changes(info["files"], sources, lambda ch: store.extra(store.node(INPUT, ch)))
+
+    def _repair(self, store: ProjectStore, step: str, report: RunReport) -> bool:
+        """Cheap check of a complete step's stored chunks; record the damage.  True if damaged."""
+        damaged = False
+        for st, ch, node, images in self._stored_nodes(store):
+            if st != step:
+                continue
+            bad = store.damage(node, images=images)
+            if bad:
+                damaged = True
+                report.messages.append(f"{step}: {'; '.join(bad.values())}: recomputing "
+                                       + ("the step" if None in bad else f"{len(bad)} chunk(s)"))
+                self._record_damage(store, step, node, bad)
+        return damaged
 
     def _run_steps(self, store: ProjectStore, todo: list[str], force: set[str], report: RunReport,
                    distributed: bool) -> None:
@@ -348,31 +537,28 @@ class Project:
         for name in todo:
             chain = _digest(chain, name, params_hash(cfg.step_params[name]))
             chains.append(chain)
+        for name, chain in zip(todo, chains):
+            if (store.info(name) or {}).get("hash") == chain:
+                self._repair(store, name, report)
         force = force | self._recompute_discarded(store, todo, chains, force)
-        forced = False
+        forced = INPUT in report.done and INPUT in force
         for name, chain in zip(todo, chains):
             step = get_step(name)
             params = cfg.step_params[name]
             forced = forced or name in force
             info = store.info(name)
-            if info is not None and (forced or info.get("hash") != chain):
-                why = "forced" if forced else "its parameters or an earlier step changed"
-                report.messages.append(f"{name}: recomputing ({why})")
-                store.delete(name)
-                info = None
-            if info is not None and info.get("complete"):
+            if info is not None and not forced and info.get("hash") == chain and info.get("complete"):
                 report.skipped.append(name)
                 prev = name
                 continue
-            created = info is None
-            try:
-                start = time.perf_counter()
-                report.computed[name] = self._run_step(store, step, params, prev, chain, distributed)
-                report.seconds[name] = time.perf_counter() - start
-            except Exception:
-                if created:
-                    store.delete(name)  # an error leaves the store as it was before the step
-                raise
+            if info is not None and (forced or info.get("hash") != chain):
+                why = "forced" if forced else "its parameters or an earlier step changed"
+                report.messages.append(f"{name}: recomputing ({why})")
+            start = time.perf_counter()
+            report.computed[name] = self._transact(
+                store, name, chain, functools.partial(self._run_step, store, step, params, prev, chain,
+                                                      distributed), fresh=forced)
+            report.seconds[name] = time.perf_counter() - start
             report.done.append(name)
             if self.keep == "last" and not store.info(name).get("alias"):
                 # the step just written was the only reader of its input's images
@@ -397,14 +583,16 @@ class Project:
             start -= 1
         return {todo[start]} if start < first else set()
 
-    def _run_step(self, store: ProjectStore, step, params, prev: str, chain: str, distributed: bool) -> int:
+    def _run_step(self, store: ProjectStore, step, params, prev: str, chain: str, distributed: bool,
+                  target: str) -> int:
+        """Write ``step``'s result, statistics and state into the group ``target``; the slices computed."""
         cfg = self.config
         name = step.name
         prev_info = store.info(prev)
         zpos_in = None if prev_info.get("zpos") is None else np.asarray(prev_info["zpos"], float)
-        store.set_info(name, hash=chain, complete=False, input=prev, params=_jsonable(params))
+        store.set_info(target, hash=chain, complete=False, input=prev, params=_jsonable(params))
         previous = self._previous_states(store, name)
-        inputs = {ch: self._lazy(store, prev, ch) for ch in cfg.channels}
+        inputs = {ch: store.lazy(store.node(prev, ch)) for ch in cfg.channels}
         ctxs = {ch: self._ctx(ch, zpos_in, distributed, previous.get(ch, {}),
                               store.stats(store.node(prev, ch))[:, 3:6]) for ch in cfg.channels}
         states = {}
@@ -412,11 +600,11 @@ class Project:
             key = _state_key(step, cfg, ch)
             if key in states:
                 continue
-            state = store.load_state(name, key)
+            state = store.load_state(target, key)
             if state is None:
                 with state_progress(f"{name} (state)", quiet=self.quiet, distributed=distributed):
                     state = step.state(inputs[ch], params, ctxs[ch])
-                store.save_state(name, key, state)
+                store.save_state(target, key, state)
             states[key] = state
         tasks, total, zpos_out, alias = [], 0, zpos_in, None
         for ch in cfg.channels:
@@ -435,7 +623,7 @@ class Project:
                 reduction = step.write_reduction(state)
                 probe = reduction(np.zeros((1,) + out.shape[1:], x.dtype))
                 extra = (probe.shape[1], probe.dtype)
-            node = store.create_result(name, ch, out.shape, cz, x.dtype, extra=extra)
+            node = store.create_result(target, ch, out.shape, cz, x.dtype, extra=extra)
             done = store.done_chunks(node)
             blocks = out.to_delayed().ravel()
             for i, start in enumerate(np.cumsum((0,) + out.chunks[0][:-1])):
@@ -445,7 +633,7 @@ class Project:
                         dask_key_name=f"write-{name}-{channel_key(ch)}-{i}"))
                     total += out.chunks[0][i]
         execute(tasks, total=total, desc=name, distributed=distributed, quiet=self.quiet)
-        store.set_info(name, complete=True, alias=alias,
+        store.set_info(target, complete=True, alias=alias,
                        zpos=None if zpos_out is None else np.asarray(zpos_out).tolist())
         return total
 
@@ -464,11 +652,6 @@ class Project:
         return StepContext(channel=channel, zpos=zpos, nproc=self.config.nproc, distributed=distributed,
                            first_index=self.config.ind_min, previous=previous, input_stats=input_stats)
 
-    @staticmethod
-    def _lazy(store: ProjectStore, step: str, channel: str) -> da.Array:
-        arr = store.array(store.node(step, channel))
-        return da.from_zarr(arr, chunks=arr.chunks)
-
 
 def _discarded(store: ProjectStore, step: str) -> bool:
     """True when the images of ``step`` (or of the step it aliases) were discarded (``keep='last'``)."""
@@ -478,7 +661,7 @@ def _discarded(store: ProjectStore, step: str) -> bool:
 
 def _ingest_chunk(source: ChannelSource, start: int, stop: int, store_path: str, node: str) -> int:
     # Read and write in one task: the chunk never waits in memory between two tasks.
-    return write_block(read_slices(source, start, stop), store_path, node, start)
+    return write_block(read_slices(source, start, stop), store_path, node, start, slice_fingerprints)
 
 
 def _state_order(step, params, cfg: ProjectConfig) -> list[str]:

@@ -9,14 +9,15 @@ unchanged, older key names ``dirname`` / ``input_dirname`` included.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pystack3d_dask.cluster import ClusterConfig
-from pystack3d_dask.config import build_params, check, coerce, read_toml, suggest
+from pystack3d_dask.config import build_params, check, coerce, fail, read_toml, suggest
 from pystack3d_dask.errors import ConfigError
 from pystack3d_dask.steps import STEP_NAMES, get_step
 
@@ -77,9 +78,32 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> ProjectConfig:
     table = dict(table)
     where = f"{toml_path}: " if toml_path else ""
     try:
+        _check_finite(table, "")
         return _build(table, base, toml_path)
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from None
+
+
+def _check_finite(value: Any, key: str, section: str = "") -> None:
+    """Reject NaN and infinities anywhere in the file (TOML writes them ``nan``, ``inf``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(section, key, value, "expected a finite number")
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            if not key and not section and isinstance(item, Mapping):
+                _check_finite(item, "", name)  # a table
+            else:
+                _check_finite(item, f"{key}.{name}" if key else name, section)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{key}[{i}]", section)
+
+
+def _check_channel(channel: str) -> None:
+    """A channel is a folder inside the project folder: no absolute path, no ``..``."""
+    path = PurePosixPath(channel)
+    check(not path.is_absolute() and ".." not in path.parts and channel.strip() != "", "", "channels", channel,
+          "expected a sub-folder of the project folder (no absolute path, no '..')")
 
 
 def _build(table: dict, base: Path, toml_path: Path | None) -> ProjectConfig:
@@ -121,6 +145,8 @@ def _build(table: dict, base: Path, toml_path: Path | None) -> ProjectConfig:
     channels = top.get("channels", (".",))
     check(len(channels) > 0 and len(set(channels)) == len(channels), "", "channels", list(channels),
           "expected a non-empty list of distinct sub-folder names")
+    for channel in channels:
+        _check_channel(channel)
     nproc = top.get("nproc", 1)
     check(nproc >= 1, "", "nproc", nproc, "expected an integer >= 1")
     nproc = _cap_nproc(nproc)

@@ -23,40 +23,59 @@ chunks whose flag is missing.  The step is marked ``complete`` only when every
 flag is set.  A second run on the same store is refused through an OS lock
 (``fcntl.flock``) that dies with its process, so a killed run never leaves a
 stale lock.
+
+Integrity (format 2): every chunk ends with a CRC32C of its bytes (Zarr v3's
+``crc32c`` codec, last in the pipeline), and every chunk is written, even when
+it equals the fill value, so a missing chunk file is a loss, never "zeros".
+:meth:`ProjectStore.damage` checks cheaply (file listing and sizes) that an
+array is whole before it is used; :meth:`ProjectStore.verify_array` reads every
+chunk through its checksum.  Stores of format 1 (no checksums) open and run;
+only missing chunks are found in them, and arrays written later get checksums.
+
+A step's new result is written beside the old one, in the group
+``<step>~new``, and swapped in by two directory renames once complete
+(:meth:`ProjectStore.commit`); readers see the old result until then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pystack3d_dask.errors import StoreError
 from pystack3d_dask.kernels.dtype import clip_cast, slice_stats
 
 STORE_NAME = "pystack3d_dask.zarr"
 LOCK_NAME = ".pystack3d_dask.lock"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INPUT = "input"
+#: suffixes of a step's group being written (``~new``) and of the old one during the swap (``~old``)
+NEW, OLD = "~new", "~old"
 #: columns of the per-slice statistics array
 STATS_COLUMNS = ("raw_min", "raw_max", "raw_mean", "min", "max", "mean", "done")
 #: chunk compression choices.  Off by default: real FIB-SEM slices are noisy and compress
 #: by 1.1-1.5x only, while compressing costs a third of the ingest throughput; "lz4" (with
 #: byte shuffle, for uint16/float32) suits smooth data, "zstd" gives the smallest store.
 COMPRESSION = {
-    "none": None,
+    "none": (),
     "lz4": (BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),),
     "zstd": (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),),
 }
+#: last codec of every array: a CRC32C of the chunk's stored bytes (4 bytes per chunk, ~10 GB/s)
+CHECKSUM = (Crc32cCodec(),)
 #: write every chunk: zarr's default compares each chunk with the fill value first, which costs
 #: more than the write itself here, and an all-zero chunk (an empty border) is still a result
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -105,11 +124,20 @@ def check_writable(folder: Path) -> None:
         raise StoreError(f"the output folder {folder} is not writable: {exc.strerror or exc}.") from None
 
 
+def _open_array(store_path: str, node: str, mode: str = "r+") -> zarr.Array:
+    # Cached per process (a worker writing many chunks of one array opens it once), keyed on
+    # the metadata file's change time too: a step recomputed or swapped in has new arrays.
+    try:
+        stamp = os.stat(os.path.join(store_path, node, "zarr.json")).st_mtime_ns
+    except OSError:
+        stamp = None
+    return _open_cached(store_path, node, mode, stamp)
+
+
 @functools.lru_cache(maxsize=64)
-def _open_array(store_path: str, node: str) -> zarr.Array:
-    # Cached per process: a worker writing many chunks of one array opens it once.  The
-    # array config is a runtime setting, not stored: give it again on every open.
-    return zarr.open_array(store_path, path=node, mode="r+").with_config(ARRAY_CONFIG)
+def _open_cached(store_path: str, node: str, mode: str, stamp: int | None) -> zarr.Array:
+    # The array config is a runtime setting, not stored: give it again on every open.
+    return zarr.open_array(store_path, path=node, mode=mode).with_config(ARRAY_CONFIG)
 
 
 def write_block(raw: np.ndarray, store_path: str, node: str, start: int,
@@ -121,18 +149,62 @@ def write_block(raw: np.ndarray, store_path: str, node: str, start: int,
     step's ``reduction`` of the written chunk (if any), and last the per-slice
     statistics (raw and clipped) with their ``done`` flags.
     Returns the number of slices written (for progress).
+
+    Raises
+    ------
+    StoreError
+        The disk is full or not writable (naming the folder and the space needed).
     """
     arr = _open_array(store_path, node)
     out = clip_cast(raw, arr.dtype)
     stop = start + out.shape[0]
-    arr[start:stop] = out
-    if reduction is not None:
-        _open_array(store_path, extra_node(node))[start:stop] = reduction(out)
-    raw_stats = slice_stats(raw)
-    out_stats = raw_stats if out is raw else slice_stats(out)  # no cast (e.g. ingest): one pass
-    table = np.column_stack([raw_stats, out_stats, np.ones(out.shape[0])])
-    _open_array(store_path, stats_node(node))[start:stop] = table
+    try:
+        arr[start:stop] = out
+        if reduction is not None:
+            _open_array(store_path, extra_node(node))[start:stop] = reduction(out)
+        raw_stats = slice_stats(raw)
+        out_stats = raw_stats if out is raw else slice_stats(out)  # no cast (e.g. ingest): one pass
+        table = np.column_stack([raw_stats, out_stats, np.ones(out.shape[0])])
+        _open_array(store_path, stats_node(node))[start:stop] = table
+    except OSError as exc:
+        raise write_error(exc, Path(store_path), out.nbytes) from None
     return out.shape[0]
+
+
+def write_error(exc: OSError, folder: Path, nbytes: int) -> StoreError:
+    """A one-line :class:`StoreError` for a failed write (disk full: the folder and the space needed)."""
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"the disk holding {folder} is full: {_mib(nbytes)} more are needed for this chunk "
+                          f"(and about as much per chunk left to write); free some space and run again "
+                          "to resume.")
+    return StoreError(f"cannot write in {folder}: {exc.strerror or exc}.")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+class StoredArray:
+    """A stored array as dask reads it: every chunk through its checksum, a failure naming the chunk.
+
+    Picklable (it holds the store path and the node name only), so workers of a
+    cluster open the array themselves.
+    """
+
+    def __init__(self, store_path: str, node: str):
+        self.store_path, self.node = store_path, node
+        arr = _open_array(store_path, node, "r")
+        self.shape, self.dtype, self.chunks = arr.shape, arr.dtype, arr.chunks
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
+        try:
+            return _open_array(self.store_path, self.node, "r")[key]
+        except Exception as exc:  # a checksum, decoding or file error: the chunk is damaged
+            where = key[0] if isinstance(key, tuple) else key
+            raise StoreError(f"{self.node} slices {where.start}:{where.stop} in {self.store_path} cannot be "
+                             f"read ({exc}): the store is damaged; `pystack3d-dask verify` names what, and "
+                             "`run` then recomputes it.") from None
 
 
 def stats_node(node: str) -> str:
@@ -155,8 +227,16 @@ class ProjectStore:
         self.compressors = COMPRESSION[compression]
         try:
             self.root = zarr.open_group(self.path, mode="a", zarr_format=3)
-        except (OSError, ValueError) as exc:
+            meta = self.meta
+            foreign = not meta and any(True for _ in self.root.members())
+        except (OSError, ValueError, TypeError) as exc:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from None
+        if foreign:
+            raise StoreError(f"{self.path} is a Zarr store not written by pystack3d-dask: move it away or "
+                             "give another --output folder.")
+        if meta.get("format", 1) > FORMAT_VERSION:
+            raise StoreError(f"{self.path} was written by a newer pystack3d-dask (store format "
+                             f"{meta['format']}, this version reads up to {FORMAT_VERSION}): upgrade it.")
         for partial in self.path.rglob("*.partial"):  # left by a write killed mid-file
             partial.unlink(missing_ok=True)
 
@@ -170,14 +250,18 @@ class ProjectStore:
 
     # -- steps ---------------------------------------------------------------------------------------
     def steps(self) -> list[str]:
-        """Names of the step groups present (in no particular order)."""
-        return sorted(name for name, _ in self.root.groups())
+        """Names of the step groups present (in no particular order), without those being written."""
+        return sorted(name for name, _ in self.root.groups() if not name.endswith((NEW, OLD)))
 
     def info(self, step: str) -> dict | None:
         """The step's attributes, or None if the step was never started."""
-        if step not in self.root:
-            return None
-        return dict(self.root[step].attrs)
+        try:
+            if step not in self.root:
+                return None
+            return dict(self.root[step].attrs)
+        except (OSError, ValueError, TypeError) as exc:
+            raise StoreError(f"the metadata of step {step!r} in {self.path} cannot be read ({exc}): the store "
+                             "is damaged; `pystack3d-dask verify` names what, and `run` recomputes it.") from None
 
     def set_info(self, step: str, **values: Any) -> None:
         group = self.root.require_group(step)
@@ -185,9 +269,8 @@ class ProjectStore:
 
     def delete(self, step: str) -> None:
         """Remove a step's group (result, statistics, state)."""
-        if step in self.root:
-            shutil.rmtree(self.path / step, ignore_errors=False)
-        _open_array.cache_clear()
+        shutil.rmtree(self.path / step, ignore_errors=True)
+        _open_cached.cache_clear()
 
     def discard(self, step: str, channel_keys: list[str]) -> None:
         """Delete a step's images, keeping its statistics, state and attributes."""
@@ -196,7 +279,48 @@ class ProjectStore:
             if key in group:
                 del group[key]
         group.attrs["discarded"] = True
-        _open_array.cache_clear()
+        _open_cached.cache_clear()
+
+    # -- a step written beside the old one, then swapped in -------------------------------------------
+    def begin(self, step: str, chain: str, *, fresh: bool = False) -> str:
+        """Name of the group to write ``step``'s result with hash ``chain`` into.
+
+        The step's own group when it holds an unfinished result with this hash
+        (chunks found damaged, or a store of format 1) and not ``fresh``, else
+        ``<step>~new``: resumed when a killed run left it with this hash, started
+        afresh otherwise.
+        """
+        info = self.info(step) or {}
+        if not fresh and info.get("hash") == chain and not info.get("complete"):
+            return step
+        target = step + NEW
+        if (self.info(target) or {}).get("hash") != chain:
+            self.delete(target)
+        return target
+
+    def commit(self, step: str, target: str) -> None:
+        """Make the complete result in ``target`` (see :meth:`begin`) the step's result."""
+        if target == step:
+            return
+        final, old = self.path / step, self.path / (step + OLD)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(self.path / target, final)  # the swap: one rename
+        shutil.rmtree(old, ignore_errors=True)
+        _open_cached.cache_clear()
+
+    def abort(self, step: str) -> None:
+        """Remove the result being written for ``step`` (the old one stays)."""
+        self.delete(step + NEW)
+
+    def recover(self) -> None:
+        """Finish a swap that a killed run left half done (under the run lock)."""
+        for old in self.path.glob(f"*{OLD}"):
+            final = self.path / old.name[: -len(OLD)]
+            new = self.path / (final.name + NEW)
+            if not final.exists():
+                os.replace(new if new.exists() else old, final)
+            shutil.rmtree(old, ignore_errors=True)
 
     def node(self, step: str, channel: str) -> str:
         """Name of the result array of ``step`` for ``channel`` (following aliases)."""
@@ -221,32 +345,39 @@ class ProjectStore:
             for sub in ("_stats", "_extra"):
                 if sub in group and key in group[sub]:
                     del group[sub][key]
-        group.create_array(key, shape=tuple(shape), chunks=chunks, dtype=dtype, compressors=self.compressors,
-                           fill_value=0, config=ARRAY_CONFIG)
+        group.create_array(key, shape=tuple(shape), chunks=chunks, dtype=dtype,
+                           compressors=self.compressors + CHECKSUM, fill_value=0, config=ARRAY_CONFIG)
         group.require_group("_stats").create_array(
             key, shape=(shape[0], len(STATS_COLUMNS)), chunks=(cz, len(STATS_COLUMNS)), dtype="f8",
-            fill_value=np.nan, compressors=None, config=ARRAY_CONFIG,
+            fill_value=np.nan, compressors=CHECKSUM, config=ARRAY_CONFIG,
         )
         if extra is not None:
             group.require_group("_extra").create_array(
                 key, shape=(shape[0], extra[0]), chunks=(cz, extra[0]), dtype=extra[1], fill_value=0,
-                compressors=self.compressors, config=ARRAY_CONFIG)
-        _open_array.cache_clear()
+                compressors=self.compressors + CHECKSUM, config=ARRAY_CONFIG)
+        _open_cached.cache_clear()
         return node
 
+    # -- reading -------------------------------------------------------------------------------------
     def array(self, node: str) -> zarr.Array:
         return self.root[node]
 
+    def lazy(self, node: str) -> da.Array:
+        """``node`` as a dask array of its chunks, each read through its checksum."""
+        src = StoredArray(str(self.path), node)
+        return da.from_array(src, chunks=src.chunks, lock=False, meta=np.empty((0,) * src.ndim, src.dtype))
+
     def stats(self, node: str) -> np.ndarray:
         """The ``(z, 7)`` statistics table of a result array (NaN rows not yet computed)."""
-        return self.root[stats_node(node)][:]
+        return StoredArray(str(self.path), stats_node(node))[:]
 
     def extra(self, node: str) -> np.ndarray | None:
         """The write-pass reduction table of a result array, if its step has one."""
         try:
-            return self.root[extra_node(node)][:]
+            src = StoredArray(str(self.path), extra_node(node))
         except KeyError:
             return None
+        return src[:]
 
     def done_chunks(self, node: str) -> np.ndarray:
         """Boolean per z chunk of ``node``: True when the chunk is written."""
@@ -254,6 +385,78 @@ class ProjectStore:
         done = self.stats(node)[:, -1] == 1
         cz = arr.chunks[0]
         return np.array([done[i : i + cz].all() for i in range(0, arr.shape[0], cz)], bool)
+
+    # -- integrity -----------------------------------------------------------------------------------
+    def damage(self, node: str, *, images: bool = True) -> dict[int | None, str]:
+        """Cheap check that ``node`` and its tables are whole: chunk files listed and sized.
+
+        Returns ``{z chunk index: what is wrong}``; the key ``None`` when an
+        array's metadata is unreadable (the whole step must be recomputed).
+        ``images=False`` checks the tables only (images discarded by ``keep='last'``).
+        """
+        bad: dict[int | None, str] = {}
+        names = ([node] if images else []) + [stats_node(node)]
+        if (self.path / extra_node(node)).exists():
+            names.append(extra_node(node))
+        for name in names:
+            try:
+                arr = zarr.open_array(self.path, path=name, mode="r")
+            except Exception as exc:
+                bad[None] = f"{name}: metadata unreadable ({exc})"
+                continue
+            bytes_codecs = arr.metadata.codecs[1:]
+            size = None  # unknown when compressed
+            if all(isinstance(c, Crc32cCodec) for c in bytes_codecs):
+                size = int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4 * len(bytes_codecs)
+            encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+            for idx in np.ndindex(*arr.cdata_shape):
+                try:
+                    found = os.stat(self.path / name / encode(idx)).st_size
+                except FileNotFoundError:
+                    bad.setdefault(idx[0], f"{name} chunk {idx[0]}: missing")
+                    continue
+                if size is not None and found != size:
+                    bad.setdefault(idx[0], f"{name} chunk {idx[0]}: {found} bytes, expected {size}")
+        return bad
+
+    def verify_array(self, node: str, *, images: bool = True, workers: int = 1) -> dict[int | None, str]:
+        """:meth:`damage`, then every chunk of ``node`` and its tables read through its checksum."""
+        bad = self.damage(node, images=images)
+        if None in bad:
+            return bad
+        names = ([node] if images else []) + [stats_node(node)]
+        if (self.path / extra_node(node)).exists():
+            names.append(extra_node(node))
+
+        def read(name: str, i: int) -> tuple[int, str] | None:
+            src = StoredArray(str(self.path), name)
+            cz = src.chunks[0]
+            try:
+                src[i * cz : (i + 1) * cz]
+            except StoreError as exc:
+                return i, f"{name} chunk {i}: {str(exc).split('(', 1)[-1].split(')')[0]}"
+            return None
+
+        nz = self.root[stats_node(node)].cdata_shape[0]
+        with ThreadPoolExecutor(workers) as pool:
+            found = pool.map(lambda job: read(*job), [(n, i) for n in names for i in range(nz) if i not in bad])
+            for hit in found:
+                if hit is not None:
+                    bad.setdefault(*hit)
+        done = self.done_chunks(node) if images else None
+        if done is not None:
+            for i in np.flatnonzero(~done):
+                bad.setdefault(int(i), f"{stats_node(node)} chunk {i}: not marked done")
+        return bad
+
+    def mark_undone(self, step: str, node: str, chunks: Iterable[int]) -> None:
+        """Record damaged z chunks of ``node``: their done flags cleared, ``step`` incomplete."""
+        table = self.root[stats_node(node)].with_config(ARRAY_CONFIG)
+        cz = table.chunks[0]
+        for i in chunks:
+            rows = min(cz, table.shape[0] - i * cz)
+            table[i * cz : i * cz + rows] = np.full((rows, table.shape[1]), np.nan)  # rewrites a bad chunk too
+        self.set_info(step, complete=False)
 
     # -- state ----------------------------------------------------------------------------------
     def save_state(self, step: str, key: str, state: dict) -> None:
@@ -266,11 +469,23 @@ class ProjectStore:
         for name, value in state.items():
             if isinstance(value, np.ndarray):
                 a = sub.create_array(name, shape=value.shape, dtype=value.dtype,
-                                     chunks=tuple(max(1, s) for s in value.shape), compressors=None)
+                                     chunks=tuple(max(1, s) for s in value.shape), compressors=CHECKSUM)
                 a[...] = value
             else:
                 values[name] = _jsonable(value)
         sub.attrs["values"] = values
+
+    def state_keys(self, step: str) -> list[str]:
+        """Keys of the states saved for ``step``."""
+        try:
+            return sorted(name for name, _ in self.root[f"{step}/_state"].groups())
+        except KeyError:
+            return []
+
+    def delete_state(self, step: str, key: str) -> None:
+        """Remove a damaged state; the step becomes incomplete, so a run computes it again."""
+        shutil.rmtree(self.path / step / "_state" / key, ignore_errors=True)
+        self.set_info(step, complete=False)
 
     def load_state(self, step: str, key: str) -> dict | None:
         """A saved state, or None."""
@@ -279,8 +494,8 @@ class ProjectStore:
         except KeyError:
             return None
         state = dict(sub.attrs.get("values", {}))
-        for name, arr in sub.arrays():
-            state[name] = arr[...]
+        for name, _ in sub.arrays():
+            state[name] = StoredArray(str(self.path), f"{step}/_state/{key}/{name}")[...]
         return state
 
 

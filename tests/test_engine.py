@@ -154,7 +154,7 @@ def test_step_error_leaves_the_store_as_it_was(tmp_path):
     before = tree_digest(store)
     (tmp_path / "params.toml").write_text(PARAMS.format(channels=["A", "B"]).replace("[1, 15, 3, 20]",
                                                                                      "[500, 600, 3, 20]"))
-    with pytest.raises(ConfigError, match=r"\[cropping\] area = \[500, 600, 3, 20\] leaves no pixel"):
+    with pytest.raises(ConfigError, match=r"\[cropping_final\] area = \[500, 600, 3, 20\] leaves no pixel"):
         Project(tmp_path, quiet=True).run()
     assert tree_digest(store) == before
 

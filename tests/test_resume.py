@@ -40,11 +40,14 @@ CHILD = textwrap.dedent("""
 
 
 def _done_flags(folder, step):
-    try:
-        stats = zarr.open_array(folder / "pystack3d_dask.zarr", path=f"{step}/_stats/_", mode="r")[:]
-    except Exception:
-        return 0
-    return int(np.sum(stats[:, -1] == 1))
+    """Chunks written of ``step``: in the group being written (``~new``) until it is swapped in."""
+    for group in (f"{step}~new", step):
+        try:
+            stats = zarr.open_array(folder / "pystack3d_dask.zarr", path=f"{group}/_stats/_", mode="r")[:]
+        except Exception:
+            continue
+        return int(np.sum(stats[:, -1] == 1))
+    return 0
 
 
 def _kill_when(folder, step, at_least, proc):

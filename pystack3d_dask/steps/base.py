@@ -76,6 +76,14 @@ class Step:
     write_reduction_key: str = "after"
     #: steps whose state this one needs; they must come earlier in ``process_steps``
     requires: tuple[str, ...] = ()
+    #: ``output_shape(params, shape) -> shape``: the result's ``(z, y, x)`` shape when the
+    #: parameters alone fix it; by default the input's, an upper bound for steps whose state
+    #: crops (registration).  Lets every parameter be checked against the shape before work.
+    output_shape: Callable[[Any, tuple[int, int, int]], tuple[int, int, int]] | None = None
+
+    def shape_out(self, params: Any, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The result's shape (an upper bound where the state decides) for an input ``shape``."""
+        return shape if self.output_shape is None else self.output_shape(params, shape)
 
     def params(self, table: dict | None = None, **kwargs) -> Any:
         """Build and validate this step's parameters from a TOML table or keywords."""

@@ -28,7 +28,12 @@ def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da
     return stack[:, rows, cols]
 
 
-STEP = Step(name="cropping", Params=Params, apply=apply)
+def output_shape(params: Params, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    rows, cols = area_slices(params.area, shape[1:], key="[cropping] area")
+    return (shape[0], rows.stop - rows.start, cols.stop - cols.start)
+
+
+STEP = Step(name="cropping", Params=Params, apply=apply, output_shape=output_shape)
 
 
 def crop(stack, area: tuple[int, int, int, int]) -> da.Array:
