@@ -5,6 +5,7 @@
     pystack3d-dask run PATH [--steps S ...] [--force S ...] [--cluster local|ADDRESS] [--output DIR]
     pystack3d-dask demo [DIR] [--shape N,H,W]
     pystack3d-dask info PATH
+    pystack3d-dask verify PATH
     pystack3d-dask plot PATH [--step S ...] [--channel C] [--out DIR]
     pystack3d-dask export PATH --step S [--channel C] --format tiff OUT
 """
@@ -40,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a PyStack3D params.toml (a file or its folder)")
     run.add_argument("path")
     run.add_argument("--steps", nargs="+", metavar="STEP", help="run only up to these steps")
-    run.add_argument("--force", nargs="+", default=[], metavar="STEP", help="redo these steps (and those after)")
+    run.add_argument("--force", nargs="+", default=[], metavar="STEP",
+                     help='redo these steps (and those after); "input" ingests changed input images again')
     run.add_argument("--cluster", help='"threads", "local" or a scheduler address (overrides [cluster])')
     run.add_argument("--output", help="folder for the store (default: the project folder)")
     run.add_argument("--chunk-mib", type=float, default=32.0, help="target chunk size (MiB)")
@@ -58,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="steps done, shapes, chunks, dtype, statistics")
     info.add_argument("path")
     info.add_argument("--output", help="folder holding the store, if not the project folder")
+
+    verify = sub.add_parser("verify", help="read every stored chunk through its checksum; name what is damaged")
+    verify.add_argument("path")
+    verify.add_argument("--output", help="folder holding the store, if not the project folder")
 
     plot = sub.add_parser("plot", help="figures of steps: statistics, state, cut-planes (PNG)")
     plot.add_argument("path")
@@ -129,6 +135,22 @@ def _info(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from pystack3d_dask.engine import Project
+
+    project = Project(args.path, output_dir=args.output)
+    damaged = project.verify()
+    for step, channels in damaged.items():
+        for channel, problems in channels.items():
+            for problem in problems:
+                print(f"damaged: {step} [{channel}] {problem}")
+    if damaged:
+        print(f"{project.store_path}: damaged chunks are marked undone; `pystack3d-dask run` recomputes them.")
+        return 1
+    print(f"{project.store_path}: every stored chunk matches its checksum and completion record.")
+    return 0
+
+
 def _plot(args) -> int:
     from pystack3d_dask.engine import Project
     from pystack3d_dask.report import plot_step
@@ -149,7 +171,7 @@ def _export(args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _run, "demo": _demo, "info": _info, "plot": _plot, "export": _export}
+_COMMANDS = {"run": _run, "demo": _demo, "info": _info, "verify": _verify, "plot": _plot, "export": _export}
 
 if __name__ == "__main__":
     sys.exit(main())

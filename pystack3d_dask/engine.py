@@ -23,6 +23,7 @@ sizes); damaged chunks are marked undone and recomputed, byte-identical.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -42,7 +43,7 @@ import numpy as np
 
 from pystack3d_dask.cluster import ClusterConfig, scheduler
 from pystack3d_dask.config import build_params, params_hash, suggest
-from pystack3d_dask.errors import ConfigError, InputError, StoreError
+from pystack3d_dask.errors import ConfigError, DiskFullError, InputError, StoreError
 from pystack3d_dask.io.tiff import (
     FINGERPRINT,
     ChannelSource,
@@ -204,12 +205,15 @@ class Project:
             except Exception as exc:
                 # An error (bad input, bad parameter) removes what the failing step wrote (see
                 # _transact), and a store that holds no complete result; an interruption (Ctrl-C,
-                # SIGTERM, SIGKILL, a walltime) keeps what is written, for the next run to resume
-                # from: it is not an Exception (see signals.py).
-                if new_store and not (self.store_path / INPUT).exists():
+                # SIGTERM, SIGKILL, a walltime, a full disk) keeps what is written, for the next
+                # run to resume from: it is not an Exception (see signals.py) or is said so.
+                disk_full = _disk_full(exc)
+                if new_store and not (self.store_path / INPUT).exists() and not disk_full:
                     shutil.rmtree(self.store_path, ignore_errors=True)
-                if isinstance(exc, OSError) and not isinstance(exc, StoreError):
-                    raise write_error(exc, self.output_dir, 0) from None
+                if disk_full and not isinstance(exc, DiskFullError):  # metadata, state: not a chunk
+                    stack = sources[0].nslices * int(np.prod(sources[0].shape)) * sources[0].dtype.itemsize
+                    raise write_error(exc, self.store_path, stack * len(sources), "a step (its whole result, "
+                                      "at most)") from None
                 raise
         return report
 
@@ -328,7 +332,9 @@ class Project:
         """
         from pystack3d_dask.io.export import export_tiff
 
-        return export_tiff(self.result(step, channel), folder, prefix=step, zpos=self.zpos(step))
+        stack = self.result(step, channel)
+        source = f"{self._open_store().info(step)['hash']}/{channel or self.config.channels[0]}"
+        return export_tiff(stack, folder, prefix=step, zpos=self.zpos(step), source=source)
 
     # -- internals --------------------------------------------------------------------------------
     def _complete(self, step: str, channel: str | None, *, images: bool = True) -> tuple[ProjectStore, dict, str]:
@@ -436,8 +442,8 @@ class Project:
                 if not info.get("alias") and (store.damage(node) or not store.done_chunks(node).all()):
                     raise StoreError(f"{node} in {store.path} is not whole after it was written: the disk "
                                      "lost a chunk; run again to recompute it.")
-        except Exception:
-            if created and target != name:
+        except Exception as exc:
+            if created and target != name and not _disk_full(exc):  # a full disk is an interruption
                 store.abort(name)
             raise
         store.commit(name, target)
@@ -651,6 +657,10 @@ class Project:
     def _ctx(self, channel: str, zpos, distributed: bool, previous: dict, input_stats) -> StepContext:
         return StepContext(channel=channel, zpos=zpos, nproc=self.config.nproc, distributed=distributed,
                            first_index=self.config.ind_min, previous=previous, input_stats=input_stats)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, DiskFullError) or getattr(exc, "errno", None) == errno.ENOSPC
 
 
 def _discarded(store: ProjectStore, step: str) -> bool:

@@ -24,6 +24,10 @@ class StoreError(PyStack3DError, OSError):
     """The project store cannot be written, is locked by another run, or is inconsistent."""
 
 
+class DiskFullError(StoreError):
+    """The disk is full: what was written stays, for a run with more space to resume from."""
+
+
 class StepError(PyStack3DError, ValueError):
     """A step cannot run on this data (e.g. a threshold leaves no pixel in a slice)."""
 

@@ -55,7 +55,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pystack3d_dask.errors import StoreError
+from pystack3d_dask.errors import DiskFullError, StoreError
 from pystack3d_dask.kernels.dtype import clip_cast, slice_stats
 
 STORE_NAME = "pystack3d_dask.zarr"
@@ -167,21 +167,20 @@ def write_block(raw: np.ndarray, store_path: str, node: str, start: int,
         table = np.column_stack([raw_stats, out_stats, np.ones(out.shape[0])])
         _open_array(store_path, stats_node(node))[start:stop] = table
     except OSError as exc:
-        raise write_error(exc, Path(store_path), out.nbytes) from None
+        raise write_error(exc, Path(store_path), out.nbytes, "a chunk") from None
     return out.shape[0]
 
 
-def write_error(exc: OSError, folder: Path, nbytes: int) -> StoreError:
+def write_error(exc: OSError, folder: Path, nbytes: int, what: str = "this chunk") -> StoreError:
     """A one-line :class:`StoreError` for a failed write (disk full: the folder and the space needed)."""
-    if exc.errno == errno.ENOSPC:
-        return StoreError(f"the disk holding {folder} is full: {_mib(nbytes)} more are needed for this chunk "
-                          f"(and about as much per chunk left to write); free some space and run again "
-                          "to resume.")
+    if isinstance(exc, DiskFullError) or exc.errno == errno.ENOSPC:
+        return DiskFullError(f"the disk holding {folder} is full: {what} needs {_mib(nbytes)}; free some space "
+                          "and run again to resume.")
     return StoreError(f"cannot write in {folder}: {exc.strerror or exc}.")
 
 
 def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**17 else f"{nbytes / 2**10:.1f} KiB"
 
 
 class StoredArray:

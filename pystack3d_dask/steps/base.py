@@ -104,15 +104,27 @@ def as_stack(arr: Any, *, chunk_slices: int | None = None) -> da.Array:
     chunk_slices : int, optional
         Slices per chunk; by default the existing z chunking of a dask array,
         or about 32 MiB per chunk otherwise.
+
+    Raises
+    ------
+    ValueError
+        An array that is not 2-D or 3-D, is empty, or holds no integer or float pixels (bool).
     """
+    if not isinstance(arr, da.Array) and not hasattr(arr, "dtype"):
+        arr = np.asarray(arr)
+    if getattr(arr, "ndim", 0) not in (2, 3):
+        raise ValueError(f"expected a (z, y, x) stack or a (y, x) image, got an array of shape {arr.shape}.")
+    if 0 in arr.shape:
+        raise ValueError(f"expected a stack with pixels, got an empty array of shape {arr.shape}.")
+    if np.dtype(arr.dtype).kind not in "uif":
+        raise ValueError(f"expected integer or float pixels, got dtype {np.dtype(arr.dtype)} "
+                         "(convert a mask, e.g. arr.astype('uint8')).")
     if isinstance(arr, da.Array):
         x = arr
     else:
-        x = da.from_array(arr, chunks=(1,) + tuple(arr.shape[1:]) if getattr(arr, "ndim", 0) == 3 else -1)
+        x = da.from_array(arr, chunks=(1,) + tuple(arr.shape[1:]) if arr.ndim == 3 else -1)
     if x.ndim == 2:
         x = x[None]
-    if x.ndim != 3:
-        raise ValueError(f"expected a (z, y, x) stack, got an array of shape {x.shape}")
     if chunk_slices is None:
         if isinstance(arr, da.Array):
             chunk_slices = max(x.chunks[0])

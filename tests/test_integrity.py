@@ -1,0 +1,309 @@
+"""Integrity: a damaged store is found and repaired, a failed run keeps the last good result,
+errors come before work, in one line, and leave every file as it was."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from conftest import random_stack, tree_digest, write_params, write_slices
+
+from pystack3d_dask import cli
+from pystack3d_dask.engine import Project
+from pystack3d_dask.errors import ConfigError, InputError, StoreError
+from pystack3d_dask.store import LOCK_NAME, STORE_NAME
+
+PARAMS = """
+process_steps = ["cropping", "registration_calculation", "cropping_final"]
+[cropping]
+area = [1, 99999, 0, 99999]
+[cropping_final]
+area = [0, 30, 2, 40]
+"""
+CZ = 4
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A complete project (cz = 4, 18 slices: 5 chunks, the last one short) and its store's digest."""
+    write_slices(tmp_path, random_stack((18, 48, 40)))
+    write_params(tmp_path, PARAMS)
+    Project(tmp_path, quiet=True, chunk_slices=CZ).run()
+    return tmp_path, tree_digest(tmp_path / STORE_NAME)
+
+
+def chunk(folder, node, i):
+    return folder / STORE_NAME / node / "c" / str(i) / "0" / "0"
+
+
+def run(folder):
+    return Project(folder, quiet=True, chunk_slices=CZ).run()
+
+
+def cli_lines(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    return code, out.out.strip().splitlines(), out.err.strip().splitlines()
+
+
+# -- 1. a damaged store is found before it is used, and repaired chunk by chunk ----------------------
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_missing_or_truncated_chunk_is_found_and_only_it_recomputed(project, damage, capsys):
+    folder, before = project
+    path = chunk(folder, "cropping/_", 2)
+    if damage == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:-100])
+    assert Project(folder).info()["steps"]["cropping"]["status"].startswith(f"damaged: cropping/_ chunk 2:")
+    with pytest.raises(StoreError, match=r"step 'cropping' .* is damaged \(cropping/_ chunk 2"):
+        Project(folder).result("cropping")
+    code, _, err = cli_lines(capsys, "export", str(folder), "--step", "cropping", str(folder / "out"))
+    assert code == 2 and len(err) == 1 and "is damaged" in err[0] and not (folder / "out").exists()
+    report = run(folder)
+    assert report.computed == {"cropping": CZ} and "cropping: cropping/_ chunk 2" in report.messages[0]
+    assert report.skipped == ["input", "registration_calculation", "cropping_final"]
+    assert tree_digest(folder / STORE_NAME) == before
+
+
+def test_corrupted_chunk_is_caught_by_its_checksum_then_verify_and_run_repair_it(project, capsys):
+    folder, before = project
+    path = chunk(folder, "input/_", 1)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF  # same size: only the checksum sees it
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"input/_ slices 4:8 in .* cannot be read \(Stored and computed checksum"):
+        Project(folder).result("input").compute()
+    code, out, _ = cli_lines(capsys, "verify", str(folder))
+    assert code == 1 and out[0].startswith("damaged: input [.] input/_ chunk 1: Stored and computed checksum")
+    report = run(folder)
+    assert report.computed == {"input": CZ} and report.done == ["input"]
+    assert tree_digest(folder / STORE_NAME) == before
+    code, out, _ = cli_lines(capsys, "verify", str(folder))
+    assert code == 0 and "every stored chunk matches" in out[0]
+
+
+def test_broken_array_metadata_recomputes_the_step(project, capsys):
+    folder, before = project
+    (folder / STORE_NAME / "cropping_final" / "_" / "zarr.json").write_text("{ broken")
+    for command in (["info", str(folder)], ["export", str(folder), "--step", "cropping_final", str(folder / "o")],
+                    ["plot", str(folder), "--step", "cropping_final", "--out", str(folder / "p")]):
+        code, out, err = cli_lines(capsys, *command)
+        if command[0] == "info":
+            assert code == 0 and '"status": "damaged: cropping_final/_: metadata unreadable' in "\n".join(out)
+        else:
+            assert code == 2 and len(err) == 1 and "damaged" in err[0], err
+    report = run(folder)
+    assert report.done == ["cropping_final"] and "recomputing the step" in report.messages[0]
+    assert tree_digest(folder / STORE_NAME) == before
+
+
+def test_foreign_stores_are_named_in_one_line(tmp_path, capsys):
+    write_slices(tmp_path / "A", random_stack((6, 40, 40)))
+    write_params(tmp_path, 'channels = ["A"]\n' + PARAMS)
+    Project(tmp_path, quiet=True).run()
+    other = tmp_path / "other"
+    write_slices(other / "B", random_stack((6, 40, 40)))
+    write_params(other, 'channels = ["B"]\n' + PARAMS)
+    shutil.copytree(tmp_path / STORE_NAME, other / STORE_NAME)
+    for command in ("info", "plot"):
+        code, _, err = cli_lines(capsys, command, str(other))
+        assert code == 2 and err == [f"error: the store {other / STORE_NAME} holds channels ['A'], not this "
+                                     "project's ['B']: it was written for another project."]
+    shutil.rmtree(other / STORE_NAME)
+    zarr.open_group(other / STORE_NAME, mode="w").create_array("x", shape=(2,), dtype="u1")
+    before = tree_digest(other)
+    with pytest.raises(StoreError, match="is a Zarr store not written by pystack3d-dask"):
+        Project(other, quiet=True).run()
+    assert {k: v for k, v in tree_digest(other).items() if k != LOCK_NAME} == before
+
+
+def test_unknown_step_suggests_the_closest(project, capsys):
+    folder, _ = project
+    code, _, err = cli_lines(capsys, "export", str(folder), "--step", "croping_final", str(folder / "o"))
+    assert code == 2 and "step 'croping_final' is not in this project (did you mean 'cropping_final'?)" in err[0]
+    code, _, err = cli_lines(capsys, "plot", str(folder), "--step", "registration_calculaton")
+    assert code == 2 and "(did you mean 'registration_calculation'?)" in err[0]
+
+
+# -- 2. a failed run keeps the last good result ---------------------------------------------------
+@pytest.mark.parametrize("how", ["changed", "forced"])
+def test_a_step_failing_midway_leaves_the_store_as_it_was(project, monkeypatch, how):
+    import pystack3d_dask.engine as engine
+
+    folder, before = project
+    if how == "changed":
+        write_params(folder, PARAMS.replace("[1, 99999", "[2, 99999"))
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the computation failed")
+        return write_block(*args)
+
+    write_block = engine.write_block
+    monkeypatch.setattr(engine, "write_block", failing)
+    with pytest.raises(RuntimeError, match="the computation failed"):
+        Project(folder, quiet=True, chunk_slices=CZ).run(force=["cropping"] if how == "forced" else ())
+    assert {k: v for k, v in tree_digest(folder / STORE_NAME).items()} == before
+    # the old results are still whole and readable, aliases included
+    assert Project(folder).result("registration_calculation").shape == (18, 48, 39)
+    monkeypatch.setattr(engine, "write_block", write_block)
+    report = Project(folder, quiet=True, chunk_slices=CZ).run(force=["cropping"] if how == "forced" else ())
+    assert report.done == ["cropping", "registration_calculation", "cropping_final"]
+
+
+# -- 3. everything checkable is checked before work, in one line -------------------------------------
+@pytest.mark.parametrize("text, match", [
+    ('process_steps = ["registration_transformation"]\n[registration_transformation]\n'
+     'constant_drift = [nan, inf]\n', r"\[registration_transformation\] constant_drift\[0\] = nan is invalid: "
+                                      "expected a finite number"),
+    ('process_steps = ["cropping"]\n[cropping]\narea = [0, 10, 0, 10]\n[destriping]\n'
+     'filters = [{ name = "Gabor", noise_level = inf, sigma = [0.5, 20], theta = 0 }]\n',
+     r"\[destriping\] filters\[0\].noise_level = inf is invalid"),
+    ('process_steps = ["registration_calculation"]\n[registration_calculation]\narea = [100, 200, 0, 10]\n',
+     r"\[registration_calculation\] area = \[100, 200, 0, 10\] leaves no pixel in an image of 16 x 16 px"),
+    ('process_steps = ["intensity_rescaling_area"]\n[intensity_rescaling_area]\narea = [0, 10, 50, 60]\n',
+     r"\[intensity_rescaling_area\] area = \[0, 10, 50, 60\] leaves no pixel"),
+    ('channels = ["../elsewhere"]\nprocess_steps = ["cropping"]\n[cropping]\narea = [0, 4, 0, 4]\n',
+     r"channels = '../elsewhere' is invalid: expected a sub-folder of the project folder"),
+])
+def test_bad_parameters_are_found_before_any_work(tmp_path, text, match, capsys):
+    write_slices(tmp_path, random_stack((5, 16, 16)))
+    write_params(tmp_path, text)
+    before = tree_digest(tmp_path)
+    code, _, err = cli_lines(capsys, "run", str(tmp_path))
+    assert code == 2 and len(err) == 1
+    assert __import__("re").search(match, err[0]), err[0]
+    assert {k: v for k, v in tree_digest(tmp_path).items() if k != LOCK_NAME} == before
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_chunk_size_options_are_checked(tmp_path, value, capsys):
+    write_slices(tmp_path, random_stack((5, 16, 16)))
+    write_params(tmp_path, PARAMS)
+    code, _, err = cli_lines(capsys, "run", str(tmp_path), "--chunk-mib", value)
+    assert code == 2 and err == [f"error: chunk_mib = {float(value)!r} is invalid: expected a finite number of "
+                                 "MiB > 0."]
+    assert not (tmp_path / STORE_NAME).exists()
+
+
+def test_two_channels_stored_under_one_name_and_empty_slices(tmp_path):
+    with pytest.raises(ConfigError, match=r"channels 'a/b' and 'a_b' would be stored under one name \('a_b'\)"):
+        Project({"channels": ["a/b", "a_b"], "process_steps": ["cropping"], "cropping": {"area": [0, 1, 0, 1]},
+                 "project_dir": str(tmp_path)})
+    write_slices(tmp_path, random_stack((3, 8, 8)))
+    with pytest.warns(UserWarning, match="zero-size array"):
+        tifffile.imwrite(tmp_path / "slice_3_z=0.0300um.tif", np.zeros((0, 8), np.uint8))
+    write_params(tmp_path, PARAMS)
+    with pytest.raises(InputError, match=r"slice_3_z=0.0300um.tif holds an empty image"):
+        Project(tmp_path, quiet=True).run()
+
+
+@pytest.mark.parametrize("arr, match", [
+    (np.zeros((0, 4, 4)), r"empty array of shape \(0, 4, 4\)"),
+    (np.zeros((2, 4, 4), bool), "got dtype bool"),
+    (np.zeros((2, 2, 4, 4)), r"got an array of shape \(2, 2, 4, 4\)"),
+])
+def test_api_arrays_are_checked(arr, match):
+    from pystack3d_dask.api import crop
+
+    with pytest.raises(ValueError, match=match):
+        crop(arr, area=(0, 2, 0, 2))
+
+
+def test_disk_full_is_one_line_and_the_rerun_resumes(project, monkeypatch, capsys):
+    import zarr.storage._local as local
+
+    folder, _ = project
+    clean = tree_digest(folder / STORE_NAME)
+    write_params(folder, PARAMS.replace("[1, 99999", "[2, 99999"))
+    put, calls = local._put, []
+
+    def full(path, value, exclusive=False):  # the disk fills up at the third chunk of cropping
+        calls.append("cropping~new/_/c/" in str(path))
+        if sum(calls) >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return put(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", full)
+    before = tree_digest(folder / STORE_NAME)
+    code, _, err = cli_lines(capsys, "-q", "run", str(folder), "--chunk-mib", "0.0075")  # 4 slices: 4 x 48 x 38 B
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: the disk holding {folder / STORE_NAME} is full: ")
+    assert err[0].endswith("a chunk needs 7.1 KiB; free some space and run again to resume.")
+    monkeypatch.setattr(local, "_put", put)
+    done = {k: v for k, v in tree_digest(folder / STORE_NAME).items() if "~new" not in k}
+    assert done == before  # the complete results are untouched; written chunks wait in cropping~new
+    report = Project(folder, quiet=True, chunk_slices=CZ).run()
+    assert 0 < report.computed["cropping"] < 18  # resumed
+    write_params(folder, PARAMS)
+    Project(folder, quiet=True, chunk_slices=CZ).run()
+    assert tree_digest(folder / STORE_NAME) == clean
+
+
+# -- 4. change detection that users can trust ----------------------------------------------------
+def test_ind_max_past_the_end_changes_nothing(project):
+    folder, before = project
+    write_params(folder, "ind_max = 99999\n" + PARAMS)
+    assert run(folder).done == []
+    write_params(folder, "ind_max = 17\nind_min = 0\n" + PARAMS)
+    assert run(folder).done == []
+    assert tree_digest(folder / STORE_NAME) == before
+
+
+def test_moved_or_replaced_input_is_named_and_confirmed(project):
+    folder, before = project
+    first = folder / "slice_3_z=0.0300um.tif"
+    first.rename(folder / "moved.tif")
+    with pytest.raises(InputError, match=r"1 file\(s\) gone \(slice_3_z=0.0300um.tif\), 1 file\(s\) new "
+                                         r"\(moved.tif\)\): every step would be recomputed.*--force input"):
+        run(folder)
+    (folder / "moved.tif").rename(first)
+    os.utime(first)  # touched, same pixels: not a change
+    assert run(folder).done == []
+    before = tree_digest(folder / STORE_NAME)  # the new times are recorded: no second read of the file
+    # other pixels of the same size and the same modification time (cp -p, rsync -a)
+    stat = first.stat()
+    other = random_stack((1, 48, 40), seed=7)[0]
+    tifffile.imwrite(first, other)
+    assert first.stat().st_size == stat.st_size
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(InputError, match=r"slice_3_z=0.0300um.tif: other pixels than at ingest \(same size\)"):
+        run(folder)
+    assert {k: v for k, v in tree_digest(folder / STORE_NAME).items()} == before
+    report = Project(folder, quiet=True, chunk_slices=CZ).run(force=["input"])
+    assert report.done == ["input", "cropping", "registration_calculation", "cropping_final"]
+    np.testing.assert_array_equal(Project(folder).result("input")[3].compute(), other)
+
+
+# -- 5. export that survives interruption ----------------------------------------------------------
+def test_interrupted_export_is_completed_by_a_rerun(project, monkeypatch):
+    folder, _ = project
+    project_ = Project(folder)
+    clean = tree_digest(project_.export("cropping_final", folder / "clean"))
+    imwrite, calls = tifffile.imwrite, []
+
+    def killed(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 7:
+            path.write_bytes(b"II*\0")  # half a file, then the process dies
+            raise KeyboardInterrupt
+        return imwrite(path, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile, "imwrite", killed)
+    with pytest.raises(KeyboardInterrupt):
+        project_.export("cropping_final", folder / "out")
+    monkeypatch.setattr(tifffile, "imwrite", imwrite)
+    assert len([p for p in (folder / "out").glob("*.tif")]) == 6  # only whole files under their names
+    project_.export("cropping_final", folder / "out")
+    assert tree_digest(folder / "out") == clean
+    with pytest.raises(StoreError, match="not empty and holds no unfinished export of this result"):
+        project_.export("cropping", folder / "out")
