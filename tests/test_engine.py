@@ -190,11 +190,12 @@ def test_output_dir_and_export(tmp_path):
     project = Project(tmp_path, quiet=True, output_dir=tmp_path / "out")
     project.run()
     folder = project.export("cropping_final", tmp_path / "tiffs")
-    files = sorted(folder.iterdir())
+    files = sorted(folder.glob("*.tif"))
     assert len(files) == 13
     np.testing.assert_array_equal(tifffile.imread(files[0]), expected(stacks["."])[0])
+    project.export("cropping_final", tmp_path / "tiffs")  # the same export again: nothing to add
     with pytest.raises(StoreError, match="not empty"):
-        project.export("cropping_final", tmp_path / "tiffs")
+        project.export("cropping", tmp_path / "tiffs")
     info = project.info()
     assert info["steps"]["cropping_final"]["status"] == "complete"
     assert info["steps"]["cropping_final"]["shape"] == (13, 17, 14)

@@ -36,9 +36,15 @@ RUNNER = "import sys{imports}; from pystack3d_dask.cli import main; sys.exit(mai
 
 
 def _done_chunks(project: Path, step: str) -> int:
-    """Chunks of ``step`` whose statistics (written last, with the done flag) are on disk."""
-    folder = project / STORE_NAME / step / "_stats" / "_" / "c"
-    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+    """Chunks of ``step`` whose statistics (written last, with the done flag) are on disk.
+
+    Counted in the group being written (``<step>~new``) until it is swapped in.
+    """
+    for group in (f"{step}~new", step):
+        folder = project / STORE_NAME / group / "_stats" / "_" / "c"
+        if folder.exists():
+            return sum(1 for p in folder.rglob("*") if p.is_file())
+    return 0
 
 
 def _interrupt(project: Path, sig: int, *, step: str, cluster: str = "threads", imports: str = "",
@@ -55,7 +61,7 @@ def _interrupt(project: Path, sig: int, *, step: str, cluster: str = "threads", 
     parent, children = psutil.Process(proc.pid), set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        with_pool = step == "registration_calculation" and (project / STORE_NAME / step).exists()
+        with_pool = step == "registration_calculation" and (project / STORE_NAME / f"{step}~new").exists()
         try:
             children |= {c.pid for c in parent.children(recursive=True)}
         except psutil.NoSuchProcess:
