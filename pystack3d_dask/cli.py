@@ -7,7 +7,7 @@
     pystack3d-dask info PATH
     pystack3d-dask verify PATH
     pystack3d-dask plot PATH [--step S ...] [--channel C] [--out DIR]
-    pystack3d-dask export PATH --step S [--channel C] --format tiff OUT
+    pystack3d-dask export PATH --step S [--channel C] [--format tiff|ome-zarr|ome-zarr-0.4] OUT
 """
 
 from __future__ import annotations
@@ -72,11 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="folder for the PNG files (default: beside the store)")
     plot.add_argument("--output", help="folder holding the store, if not the project folder")
 
-    export = sub.add_parser("export", help="write a step's result as a TIFF folder (Fiji opens it)")
+    export = sub.add_parser("export", help="write a step's result as an OME-Zarr image or a TIFF folder")
     export.add_argument("path")
     export.add_argument("--step", required=True)
-    export.add_argument("--channel")
-    export.add_argument("--format", choices=["tiff"], default="tiff")
+    export.add_argument("--channel", help="one channel only (default: every channel; tiff: the first)")
+    export.add_argument("--format", default="tiff",
+                        help="tiff (a folder of slices), ome-zarr (OME-Zarr 0.5, napari / neuroglancer) or "
+                             "ome-zarr-0.4 (Zarr v2, Fiji / BigDataViewer)")
     export.add_argument("--output", help="folder holding the store, if not the project folder")
     export.add_argument("out")
     return parser
@@ -166,7 +168,8 @@ def _plot(args) -> int:
 def _export(args) -> int:
     from pystack3d_dask.engine import Project
 
-    folder = Project(args.path, output_dir=args.output).export(args.step, args.out, channel=args.channel)
+    project = Project(args.path, output_dir=args.output, quiet=args.quiet)
+    folder = project.export(args.step, args.out, channel=args.channel, format=args.format)
     print(f"wrote {folder}")
     return 0
 

@@ -44,6 +44,7 @@ import numpy as np
 from pystack3d_dask.cluster import ClusterConfig, scheduler
 from pystack3d_dask.config import build_params, params_hash, suggest
 from pystack3d_dask.errors import ConfigError, DiskFullError, InputError, StoreError
+from pystack3d_dask.io.metadata import metadata_zpos, stack_metadata, summary
 from pystack3d_dask.io.tiff import (
     FINGERPRINT,
     ChannelSource,
@@ -187,7 +188,9 @@ class Project:
         if steps is not None:  # an empty list ingests only
             todo = todo[: max((todo.index(s) + 1 for s in steps), default=0)]
         force = set(force)
-        sources = discover(cfg.project_dir, cfg.channels, ind_min=cfg.ind_min, ind_max=cfg.ind_max)
+        records: dict = {}  # instrument metadata, read in discovery's header pass
+        sources = discover(cfg.project_dir, cfg.channels, ind_min=cfg.ind_min, ind_max=cfg.ind_max,
+                           metadata=records)
         self._check_params(todo, sources[0])
         zpos = self._zpos(sources[0])
         check_writable(self.output_dir)
@@ -199,7 +202,7 @@ class Project:
                 store.recover()
                 with scheduler(self.cluster, nproc=cfg.nproc) as distributed:
                     start = time.perf_counter()
-                    self._ingest(store, sources, zpos, report, distributed, force=INPUT in force)
+                    self._ingest(store, sources, records, zpos, report, distributed, force=INPUT in force)
                     report.seconds[INPUT] = time.perf_counter() - start
                     self._run_steps(store, todo, force, report, distributed)
             except Exception as exc:
@@ -295,7 +298,8 @@ class Project:
         A step whose chunks are missing or truncated has the status ``"damaged: ..."``.
         """
         store = self._open_store()
-        out = {"store": str(self.store_path), "channels": list(self.config.channels), "steps": {}}
+        out = {"store": str(self.store_path), "channels": list(self.config.channels),
+               "metadata": summary((store.info(INPUT) or {}).get("metadata"), self.config.metadata), "steps": {}}
         for step in (INPUT,) + self.config.process_steps:
             info = store.info(step)
             if info is None:
@@ -325,16 +329,39 @@ class Project:
             out["steps"][step] = entry
         return out
 
-    def export(self, step: str, folder: str | os.PathLike, *, channel: str | None = None) -> Path:
-        """Write ``step``'s result as a folder of TIFF slices (z positions in the names).
+    def export(self, step: str, folder: str | os.PathLike, *, channel: str | None = None,
+               format: str = "tiff") -> Path:
+        """Write ``step``'s result as a folder of TIFF slices, or as an OME-Zarr image.
 
-        A folder left by an interrupted export of the same step is completed.
+        ``format``: ``"tiff"`` (one channel, z positions in the names; a folder left by an
+        interrupted export of the same step is completed), ``"ome-zarr"`` (OME-Zarr 0.5,
+        Zarr v3) or ``"ome-zarr-0.4"`` (Zarr v2, for Fiji and BigDataViewer): one multiscale
+        ``(c, z, y, x)`` image of every channel (or of ``channel``), with the voxel size from
+        the instrument metadata or ``[metadata]``, streamed and resumable (see
+        :mod:`pystack3d_dask.io.ome_zarr`).
         """
-        from pystack3d_dask.io.export import export_tiff
+        if format == "tiff":
+            from pystack3d_dask.io.export import export_tiff
 
-        stack = self.result(step, channel)
-        source = f"{self._open_store().info(step)['hash']}/{channel or self.config.channels[0]}"
-        return export_tiff(stack, folder, prefix=step, zpos=self.zpos(step), source=source)
+            stack = self.result(step, channel)
+            source = f"{self._open_store().info(step)['hash']}/{channel or self.config.channels[0]}"
+            return export_tiff(stack, folder, prefix=step, zpos=self.zpos(step), source=source)
+        from pystack3d_dask.io.metadata import voxel_size_um
+        from pystack3d_dask.io.ome_zarr import parse_format, write_ome_zarr
+
+        version = parse_format(format)
+        channels = [channel] if channel is not None else list(self.config.channels)
+        stack = da.stack([self.result(step, ch) for ch in channels])
+        store = self._open_store()
+        metadata = store.info(INPUT).get("metadata")
+        scale, z0 = voxel_size_um(metadata, self.config.metadata, self.zpos(step))
+        unit = None if scale is None else "micrometer"
+        names = [_channel_label(ch, metadata, self.config.project_dir) for ch in channels]
+        with scheduler(self.cluster, nproc=self.config.nproc):
+            return write_ome_zarr(stack, folder, scale=scale or (1.0, 1.0, 1.0), unit=unit, z_origin=z0,
+                                  channel_names=names, version=version,
+                                  source_id=f"{self.store_path.resolve()}:{step}:{store.info(step)['hash']}",
+                                  quiet=self.quiet)
 
     # -- internals --------------------------------------------------------------------------------
     def _complete(self, step: str, channel: str | None, *, images: bool = True) -> tuple[ProjectStore, dict, str]:
@@ -404,13 +431,15 @@ class Project:
                 shape = get_step(name).shape_out(params, shape)
 
     def _zpos(self, source: ChannelSource) -> np.ndarray | None:
-        """z positions from the file names with the resampling ``policy``; required only by resampling."""
-        params = self.config.step_params.get("resampling")
-        policy = getattr(params, "policy", None)
-        if policy is None or source.pages is not None:
-            return None
-        from pystack3d_dask.io.zpos import parse_zpos
+        """z positions from the file names with the resampling ``policy`` (or PyStack3D's default one).
 
+        Required only by resampling; otherwise names that do not match give no positions.
+        """
+        from pystack3d_dask.io.zpos import DEFAULT_POLICY, parse_zpos
+
+        policy = getattr(self.config.step_params.get("resampling"), "policy", DEFAULT_POLICY)
+        if source.pages is not None or self.config.metadata.zpos == "metadata":
+            return None  # the instrument's slice positions are read at ingest
         try:
             return parse_zpos(source.names, policy)
         except Exception:
@@ -449,16 +478,19 @@ class Project:
         store.commit(name, target)
         return computed
 
-    def _ingest(self, store: ProjectStore, sources: list[ChannelSource], zpos, report: RunReport,
-                distributed: bool, *, force: bool) -> None:
+    def _ingest(self, store: ProjectStore, sources: list[ChannelSource], records: dict, zpos,
+                report: RunReport, distributed: bool, *, force: bool) -> None:
         cfg = self.config
         src0 = sources[0]
         shape = (src0.nslices,) + src0.shape
         cz = self._cz(shape, src0.dtype)
+        metadata = stack_metadata(records, pixel_size_override=cfg.metadata.pixel_size_nm is not None)
+        if cfg.metadata.zpos == "metadata":
+            zpos = metadata_zpos(metadata, src0.names)
         info = store.info(INPUT)
         chain = _digest([s.fingerprint() for s in sources], cfg.channels, cz)
         if info is not None and not force:
-            changes = self._input_changes(store, info, sources, cz)
+            changes = self._input_changes(store, info, sources, cz) + _zpos_change(info, zpos)
             if changes:
                 raise InputError(f"the input changed since {self.store_path} was written ({'; '.join(changes)}): "
                                  "every step would be recomputed from it. Run again with --force input "
@@ -466,6 +498,10 @@ class Project:
                                  "stays as it is.")
             chain = info["hash"]
             store.set_info(INPUT, files=file_records(sources))  # content checked: no rehash next time
+            if info.get("zpos") is None and zpos is not None:  # found since the ingest; nothing used them
+                store.set_info(INPUT, zpos=zpos.tolist())
+            if "metadata" not in info:  # a store ingested before the instrument metadata was read
+                store.set_info(INPUT, metadata=metadata)
         if info is not None and info.get("complete") and info.get("hash") == chain and not force:
             if not self._repair(store, INPUT, report):
                 report.skipped.append(INPUT)
@@ -477,7 +513,7 @@ class Project:
             store.set_meta(channels=list(cfg.channels), project_dir=str(cfg.project_dir))
             store.set_info(target, hash=chain, complete=False, zpos=None if zpos is None else zpos.tolist(),
                            names=src0.names, first_index=cfg.ind_min, files=file_records(sources),
-                           chunk_slices=cz)
+                           chunk_slices=cz, metadata=metadata)
             tasks, total = [], 0
             for src in sources:
                 node = store.create_result(target, src.channel, shape, cz, src.dtype, extra=FINGERPRINT)
@@ -661,6 +697,25 @@ class Project:
 
 def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, DiskFullError) or getattr(exc, "errno", None) == errno.ENOSPC
+
+
+def _zpos_change(info: dict, zpos: np.ndarray | None) -> list[str]:
+    """The input z positions differ from those stored at ingest (a new policy or [metadata] zpos).
+
+    Positions found where the ingest had none are no change: nothing was computed from them.
+    """
+    stored = info.get("zpos")
+    if zpos is None or stored is None or (len(stored) == len(zpos) and np.allclose(stored, zpos)):
+        return []
+    return ["the z positions of the slices (file names through the policy, or [metadata] zpos)"]
+
+
+def _channel_label(channel: str, metadata: dict | None, project_dir: Path) -> str:
+    """A channel's name in an export: its folder, or its detector for the project folder itself."""
+    if channel != ".":
+        return channel
+    detector = None if metadata is None else (metadata.get("detector") or {}).get(channel)
+    return detector or project_dir.name
 
 
 def _discarded(store: ProjectStore, step: str) -> bool:

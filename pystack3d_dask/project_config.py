@@ -19,6 +19,7 @@ from typing import Any
 from pystack3d_dask.cluster import ClusterConfig
 from pystack3d_dask.config import build_params, check, coerce, fail, read_toml, suggest
 from pystack3d_dask.errors import ConfigError
+from pystack3d_dask.io.metadata import MetadataConfig
 from pystack3d_dask.steps import STEP_NAMES, get_step
 
 #: top-level keys and their types; the older names of project_dir are accepted too
@@ -32,7 +33,7 @@ TOP_KEYS: dict[str, Any] = {
     "history": tuple[str, ...],
 }
 PROJECT_DIR_ALIASES = ("dirname", "input_dirname")
-TABLES = ("cluster",) + STEP_NAMES
+TABLES = ("cluster", "metadata") + STEP_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ProjectConfig:
     #: steps already done: the run starts after them
     history: tuple[str, ...] = ()
     cluster: ClusterConfig = ClusterConfig()
+    #: physical sizes the files lack, and the source of the z positions (the [metadata] table)
+    metadata: MetadataConfig = MetadataConfig()
     #: the parameter file, when there is one
     toml_path: Path | None = None
 
@@ -164,10 +167,11 @@ def _build(table: dict, base: Path, toml_path: Path | None) -> ProjectConfig:
                 continue
             step_params[name] = build_params(step.Params, table.get(name), section=name)
     cluster = build_params(ClusterConfig, table.get("cluster"), section="cluster")
+    metadata = build_params(MetadataConfig, table.get("metadata"), section="metadata")
     return ProjectConfig(
         project_dir=project_dir, process_steps=steps, step_params=step_params, ind_min=ind_min,
         ind_max=ind_max, channels=channels, nproc=nproc, history=history, cluster=cluster,
-        toml_path=toml_path,
+        metadata=metadata, toml_path=toml_path,
     )
 
 

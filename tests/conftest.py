@@ -50,3 +50,24 @@ def local_cluster():
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         yield cluster
+
+
+def vendor_tags(vendor: str, *, pixel_nm: float = 5.0, wd_mm: float = 5.1, detector: str = "InLens",
+                z_um: float | None = None) -> list[tuple]:
+    """tifffile ``extratags`` of a slice as written by ``vendor``'s acquisition software."""
+    if vendor == "zeiss":  # tag 34118: a key line in capitals, then "Label = value unit"
+        text = (f"0\r\n0\r\nAP_IMAGE_PIXEL_SIZE\r\nImage Pixel Size = {pixel_nm} nm\r\n"
+                f"AP_WD\r\nWD = {wd_mm} mm\r\nDP_DETECTOR_CHANNEL\r\nSignal A = {detector}\r\n"
+                "AP_STAGE_AT_Z\r\nStage at Z = 25.0 mm\r\n")
+        return [(34118, "s", 0, text, True)]
+    if vendor == "fibics":  # tag 51023: XML, the pixel's x and y vectors in µm
+        u = pixel_nm / 1e3
+        zpos = "" if z_um is None else f"<ATLAS3D><Slice><ZPos>{z_um}</ZPos></Slice></ATLAS3D>"
+        text = (f'<?xml version="1.0"?><Fibics version="1.0"><Image><Detector>{detector}</Detector></Image>'
+                f"<Scan><Ux>{u}</Ux><Uy>0</Uy><Vx>0</Vx><Vy>{u}</Vy><Dwell>100</Dwell></Scan>{zpos}</Fibics>")
+        return [(51023, "s", 0, text, True)]
+    if vendor == "fei":  # tag 34682: an INI text, lengths in metres
+        text = (f"[User]\r\nUser=someone\r\n[Scan]\r\nPixelWidth={pixel_nm * 1e-9}\r\nPixelHeight={pixel_nm * 1e-9}\r\n"
+                f"[Stage]\r\nWorkingDistance={wd_mm * 1e-3}\r\n[Detectors]\r\nName={detector}\r\nMode=SE\r\n")
+        return [(34682, "s", 0, text, True)]
+    raise ValueError(vendor)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pystack3d_dask.errors import InputError
+from pystack3d_dask.io.metadata import SliceMetadata, instrument_metadata
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: dtypes accepted as input (FIB-SEM detectors give uint8 / uint16; processed data float32)
@@ -137,8 +139,8 @@ def _tiff_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
-def _header(path: Path) -> tuple[int, tuple[int, int], np.dtype]:
-    """Read a TIFF's page count, page shape and dtype from its header only."""
+def _header(path: Path) -> tuple[int, tuple[int, int], np.dtype, SliceMetadata]:
+    """Read a TIFF's page count, page shape, dtype and instrument metadata from its header only."""
     import tifffile
 
     try:
@@ -146,6 +148,12 @@ def _header(path: Path) -> tuple[int, tuple[int, int], np.dtype]:
             page = tif.pages[0]
             npages = len(tif.pages)
             shape, dtype = tuple(page.shape), np.dtype(page.dtype)
+            try:  # the file is open: its tags cost nothing more
+                metadata = instrument_metadata(tif, path)
+            except Exception as exc:  # unreadable metadata must not block the images
+                detail = str(exc) if isinstance(exc, InputError) else f"{path}: {exc}"
+                warnings.warn(f"{detail}; this file's instrument metadata is ignored.", stacklevel=3)
+                metadata = SliceMetadata()
     except Exception as exc:  # tifffile raises many types on corrupt files
         raise InputError(f"cannot read TIFF {path}: {exc}") from None
     if len(shape) != 2:
@@ -156,11 +164,12 @@ def _header(path: Path) -> tuple[int, tuple[int, int], np.dtype]:
         raise InputError(
             f"{path} has dtype {dtype}; supported: {', '.join(str(d) for d in SUPPORTED_DTYPES)}."
         )
-    return npages, shape, dtype
+    return npages, shape, dtype, metadata
 
 
 def discover(
-    root: str | os.PathLike, channels: Sequence[str] = (".",), *, ind_min: int = 0, ind_max: int | None = None
+    root: str | os.PathLike, channels: Sequence[str] = (".",), *, ind_min: int = 0, ind_max: int | None = None,
+    metadata: dict[str, list[tuple[Path, SliceMetadata]]] | None = None,
 ) -> list[ChannelSource]:
     """Find, select and check every channel's slices without reading pixel data.
 
@@ -172,6 +181,11 @@ def discover(
         Sub-folders, one per channel; ``"."`` is ``root`` itself.
     ind_min, ind_max : int
         First and last slice kept (inclusive); an ``ind_max`` past the end means "to the end".
+    metadata : dict, optional
+        Filled with each channel's instrument metadata, ``(file, record)`` per slice file (the
+        first page of a multi-page file), read in the same header pass (see
+        :mod:`pystack3d_dask.io.metadata`).  Kept out of :class:`ChannelSource`, which every
+        ingest task carries.
 
     Raises
     ------
@@ -186,7 +200,7 @@ def discover(
         if not folder.is_dir():
             raise InputError(f"channel folder {folder} (channel {channel!r}) does not exist.")
         files = _tiff_files(folder)
-        npages, shape, dtype = _header(files[0])
+        npages, shape, dtype, first_meta = _header(files[0])
         if len(files) == 1 and npages > 1:
             pages = list(range(npages))
             total = npages
@@ -198,10 +212,13 @@ def discover(
             raise InputError(
                 f"ind_min = {ind_min} leaves no slice in {folder}, which holds {total} slice(s)."
             )
+        records = [(files[0], first_meta)]
         if pages is None:
             files = files[ind_min : last + 1]
+            records = []
             for f in files:
-                n, s, d = _header(f)
+                n, s, d, meta = _header(f)
+                records.append((f, meta))
                 if n != 1:
                     raise InputError(f"{f} holds {n} pages, but {folder} holds one file per slice.")
                 if s != shape or d != dtype:
@@ -220,6 +237,8 @@ def discover(
                 f"{ref.shape[1]} x {ref.shape[0]} px {ref.dtype}."
             )
         sources.append(src)
+        if metadata is not None:
+            metadata[channel] = records
     return sources
 
 
