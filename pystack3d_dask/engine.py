@@ -46,13 +46,11 @@ from pystack3d_dask.config import build_params, params_hash, suggest
 from pystack3d_dask.errors import ConfigError, DiskFullError, InputError, StoreError
 from pystack3d_dask.io.metadata import metadata_zpos, stack_metadata, summary
 from pystack3d_dask.io.tiff import (
-    FINGERPRINT,
     ChannelSource,
     discover,
     file_records,
     input_changes,
     read_slices,
-    slice_fingerprints,
 )
 from pystack3d_dask.kernels.crop import area_slices
 from pystack3d_dask.progress import execute, state_progress
@@ -513,10 +511,10 @@ class Project:
             store.set_meta(channels=list(cfg.channels), project_dir=str(cfg.project_dir))
             store.set_info(target, hash=chain, complete=False, zpos=None if zpos is None else zpos.tolist(),
                            names=src0.names, first_index=cfg.ind_min, files=file_records(sources),
-                           chunk_slices=cz, metadata=metadata)
+                           metadata=metadata)
             tasks, total = [], 0
             for src in sources:
-                node = store.create_result(target, src.channel, shape, cz, src.dtype, extra=FINGERPRINT)
+                node = store.create_result(target, src.channel, shape, cz, src.dtype)
                 done = store.done_chunks(node)
                 for i, start in enumerate(range(0, shape[0], cz)):
                     if done[i]:
@@ -544,9 +542,14 @@ class Project:
         stored = store.meta.get("channels")
         if stored != list(cfg.channels):
             return [f"channels {list(cfg.channels)}, {stored} at ingest"]
-        if info.get("chunk_slices") != cz:
-            changes.append(f"chunks of {cz} slices, {info.get('chunk_slices')} at ingest (chunk size options)")
-        return changes + input_changes(info["files"], sources, lambda ch: store.extra(store.node(INPUT, ch)))
+        try:
+            stored_cz = store.array(store.node(INPUT, cfg.channels[0])).chunks[0]
+        except Exception:  # damaged metadata: the repair that follows ingests again
+            stored_cz = cz
+        if stored_cz != cz:
+            changes.append(f"chunks of {cz} slices, {stored_cz} at ingest (chunk size options)")
+        return changes + input_changes(info["files"], sources,
+                                       lambda ch, start, stop: store.read(store.node(INPUT, ch), start, stop))
 
     def _repair(self, store: ProjectStore, step: str, report: RunReport) -> bool:
         """Cheap check of a complete step's stored chunks; record the damage.  True if damaged."""
@@ -726,7 +729,7 @@ def _discarded(store: ProjectStore, step: str) -> bool:
 
 def _ingest_chunk(source: ChannelSource, start: int, stop: int, store_path: str, node: str) -> int:
     # Read and write in one task: the chunk never waits in memory between two tasks.
-    return write_block(read_slices(source, start, stop), store_path, node, start, slice_fingerprints)
+    return write_block(read_slices(source, start, stop), store_path, node, start)
 
 
 def _state_order(step, params, cfg: ProjectConfig) -> list[str]:

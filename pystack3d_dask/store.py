@@ -366,17 +366,19 @@ class ProjectStore:
         src = StoredArray(str(self.path), node)
         return da.from_array(src, chunks=src.chunks, lock=False, meta=np.empty((0,) * src.ndim, src.dtype))
 
+    def read(self, node: str, start: int, stop: int) -> np.ndarray:
+        """Slices ``start:stop`` of ``node``, read through their checksums."""
+        return StoredArray(str(self.path), node)[start:stop]
+
     def stats(self, node: str) -> np.ndarray:
         """The ``(z, 7)`` statistics table of a result array (NaN rows not yet computed)."""
         return StoredArray(str(self.path), stats_node(node))[:]
 
     def extra(self, node: str) -> np.ndarray | None:
         """The write-pass reduction table of a result array, if its step has one."""
-        try:
-            src = StoredArray(str(self.path), extra_node(node))
-        except KeyError:
+        if not (self.path / extra_node(node) / "zarr.json").exists():
             return None
-        return src[:]
+        return StoredArray(str(self.path), extra_node(node))[:]
 
     def done_chunks(self, node: str) -> np.ndarray:
         """Boolean per z chunk of ``node``: True when the chunk is written."""
