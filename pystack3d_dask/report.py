@@ -92,6 +92,10 @@ def plot_state(project, step: str, channel: str, folder: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 3.4))
         ax.plot(mats[:, 0, 2], label="tx (px)", lw=1)
         ax.plot(mats[:, 1, 2], label="ty (px)", lw=1)
+        flagged = np.flatnonzero(state.get("outliers", []))  # pairs far from their neighbours'
+        if flagged.size:
+            ax.plot(flagged, mats[flagged, 0, 2], "rx", label="outlier pair")
+            ax.plot(flagged, mats[flagged, 1, 2], "rx")
         ax.set_xlabel("slice")
         ax.set_title("pairwise translations" if key == "matrices" else "cumulative translations")
         ax.legend(fontsize=8)

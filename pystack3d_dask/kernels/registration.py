@@ -1,4 +1,4 @@
-"""Registration matrices: pairwise calculation, cumulation, corrections and safe crop.
+"""Registration matrices: pairwise calculation, quality, cumulation, corrections and safe crop.
 
 Matrix convention (the one place it is written down)
 ----------------------------------------------------
@@ -35,8 +35,14 @@ from typing import Literal
 import numpy as np
 
 from pystack3d_dask.errors import StepError
+from pystack3d_dask.kernels.phase_correlation import translation
+from pystack3d_dask.kernels.warp import warp_affine
 
 Transformation = Literal["TRANSLATION", "RIGID_BODY", "SCALED_ROTATION", "AFFINE"]
+Method = Literal["stackreg", "phase_correlation"]
+
+#: :func:`shift_outliers`: pairs per window, robust standard deviations and px allowed
+OUTLIER_WINDOW, OUTLIER_MAD, OUTLIER_PX = 11, 5.0, 1.0
 
 #: Smallest block side (px) that still registers reliably.
 MIN_BLOCK_SIZE = 16
@@ -66,8 +72,15 @@ def to_full_image(matrix: np.ndarray, x0: float, y0: float) -> np.ndarray:
     return shift @ matrix @ unshift
 
 
-def register_pair(ref: np.ndarray, mov: np.ndarray, *, transformation: Transformation) -> np.ndarray:
-    """Return the 3x3 matrix ``M`` with ``mov(M p) ~ ref(p)`` (pystackreg's TurboReg models).
+def register_pair(
+    ref: np.ndarray,
+    mov: np.ndarray,
+    *,
+    transformation: Transformation,
+    method: Method = "stackreg",
+    upsample_factor: int = 20,
+) -> np.ndarray:
+    """Return the 3x3 matrix ``M`` with ``mov(M p) ~ ref(p)``.
 
     Parameters
     ----------
@@ -75,17 +88,54 @@ def register_pair(ref: np.ndarray, mov: np.ndarray, *, transformation: Transform
         Reference and moving images.
     transformation : {"TRANSLATION", "RIGID_BODY", "SCALED_ROTATION", "AFFINE"}
         The model fitted.
+    method : {"stackreg", "phase_correlation"}
+        pystackreg's TurboReg fit (every model), or the FFT cross-correlation
+        of :mod:`pystack3d_dask.kernels.phase_correlation` (TRANSLATION only).
+    upsample_factor : int
+        Sub-pixel grid of ``"phase_correlation"`` (1 / upsample_factor px).
 
     Returns
     -------
     ndarray, shape (3, 3)
         In the sub-image's own coordinates (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        ``"phase_correlation"`` with another model than TRANSLATION.
     """
+    if method == "phase_correlation":
+        if transformation != "TRANSLATION":
+            raise ValueError(f"method 'phase_correlation' fits TRANSLATION only, not {transformation!r}")
+        out = np.eye(3)
+        out[:2, 2] = translation(ref, mov, upsample_factor=upsample_factor)
+        return out
     from pystackreg import StackReg  # heavy C extension: imported where it is used
 
     return StackReg(getattr(StackReg, transformation)).register(
         np.asarray(ref, np.float64), np.asarray(mov, np.float64)
     )
+
+
+def alignment_ncc(ref: np.ndarray, mov: np.ndarray, matrix: np.ndarray) -> float:
+    """Normalised cross-correlation of ``ref`` and ``mov`` registered by ``matrix``.
+
+    ``mov`` is resampled as ``mov(matrix @ p)`` (bilinear) and compared with
+    ``ref`` over the pixels that sample inside ``mov``: 1 for identical
+    images, about 0 for unrelated ones.  NaN when fewer than two pixels
+    overlap or either image is flat there.
+    """
+    warped = warp_affine(mov, matrix)  # NaN where it samples outside mov
+    inside = np.isfinite(warped)
+    n = np.count_nonzero(inside)
+    if n < 2:
+        return float("nan")
+    x = np.where(inside, np.asarray(ref, np.float32), np.float32(0)).ravel()
+    y = np.where(inside, warped, np.float32(0)).ravel()
+    sx, sy = x.sum(dtype=np.float64), y.sum(dtype=np.float64)
+    cov = float(np.dot(x, y)) - sx * sy / n
+    var = (float(np.dot(x, x)) - sx * sx / n) * (float(np.dot(y, y)) - sy * sy / n)
+    return cov / np.sqrt(var) if var > 0 else float("nan")
 
 
 def register_blocks(
@@ -95,14 +145,16 @@ def register_blocks(
     transformation: Transformation,
     nb_blocks: tuple[int, int] = (1, 1),
     origin: tuple[int, int] = (0, 0),
-) -> np.ndarray:
+    method: Method = "stackreg",
+    upsample_factor: int = 20,
+) -> tuple[np.ndarray, np.ndarray]:
     """Register ``mov`` onto ``ref`` block by block.
 
     Parameters
     ----------
     ref, mov : ndarray, shape (y, x)
         Reference and moving images (the registration area).
-    transformation : str
+    transformation, method, upsample_factor
         See :func:`register_pair`.
     nb_blocks : (nx, ny)
         Blocks along x and along y.
@@ -111,19 +163,24 @@ def register_blocks(
 
     Returns
     -------
-    ndarray, shape (ny, nx, 3, 3)
+    matrices : ndarray, shape (ny, nx, 3, 3)
         One matrix per block, in full-image coordinates.
+    confidence : ndarray, shape (ny, nx)
+        :func:`alignment_ncc` of each block once registered.
     """
     nx, ny = nb_blocks
     rows = block_edges(ref.shape[0], ny)
     cols = block_edges(ref.shape[1], nx)
-    out = np.empty((ny, nx, 3, 3))
+    matrices = np.empty((ny, nx, 3, 3))
+    confidence = np.empty((ny, nx))
     for i in range(ny):
         for j in range(nx):
             win = np.s_[rows[i] : rows[i + 1], cols[j] : cols[j + 1]]
-            local = register_pair(ref[win], mov[win], transformation=transformation)
-            out[i, j] = to_full_image(local, origin[0] + cols[j], origin[1] + rows[i])
-    return out
+            local = register_pair(ref[win], mov[win], transformation=transformation, method=method,
+                                  upsample_factor=upsample_factor)
+            confidence[i, j] = alignment_ncc(ref[win], mov[win], local)
+            matrices[i, j] = to_full_image(local, origin[0] + cols[j], origin[1] + rows[i])
+    return matrices, confidence
 
 
 def binarise(image: np.ndarray, threshold: float, *, index: int) -> np.ndarray:
@@ -146,8 +203,10 @@ def register_chunk(
     nb_blocks: tuple[int, int] = (1, 1),
     threshold: float | None = None,
     origin: tuple[int, int] = (0, 0),
-) -> np.ndarray:
-    """Pairwise matrices of the slices of one chunk.
+    method: Method = "stackreg",
+    upsample_factor: int = 20,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairwise matrices of the slices of one chunk, and the confidence of each pair.
 
     Parameters
     ----------
@@ -159,14 +218,17 @@ def register_chunk(
         false, the chunk starts the stack and its first matrix is the identity.
     first_index : int
         Slice number of ``block[0]`` (for error messages).
-    transformation, nb_blocks, origin
+    transformation, nb_blocks, origin, method, upsample_factor
         See :func:`register_blocks`.
     threshold : float, optional
         Register the binarised images ``pixel <= threshold``.
 
     Returns
     -------
-    ndarray, shape (z - has_previous, ny, nx, 3, 3)
+    matrices : ndarray, shape (z - has_previous, ny, nx, 3, 3)
+    confidence : ndarray, shape (z - has_previous, ny, nx)
+        :func:`alignment_ncc` of each pair (of the images registered, so
+        binarised ones with ``threshold``); NaN for the stack's first slice.
 
     Raises
     ------
@@ -179,15 +241,60 @@ def register_chunk(
         images = [binarise(block[k], threshold, index=first_index + k) for k in range(block.shape[0])]
     nx, ny = nb_blocks
     start = int(has_previous)
-    out = np.empty((block.shape[0] - start, ny, nx, 3, 3))
+    matrices = np.empty((block.shape[0] - start, ny, nx, 3, 3))
+    confidence = np.empty((block.shape[0] - start, ny, nx))
     for k in range(start, block.shape[0]):
         if k == 0:  # first slice of the stack: no reference
-            out[0] = np.eye(3)
+            matrices[0], confidence[0] = np.eye(3), np.nan
         else:
-            out[k - start] = register_blocks(
-                images[k - 1], images[k], transformation=transformation, nb_blocks=nb_blocks, origin=origin
+            matrices[k - start], confidence[k - start] = register_blocks(
+                images[k - 1], images[k], transformation=transformation, nb_blocks=nb_blocks, origin=origin,
+                method=method, upsample_factor=upsample_factor,
             )
-    return out
+    return matrices, confidence
+
+
+def shift_outliers(
+    matrices: np.ndarray, *, window: int = OUTLIER_WINDOW, n_mad: float = OUTLIER_MAD, min_px: float = OUTLIER_PX
+) -> np.ndarray:
+    """Flag the pairs whose translation is an outlier against the pairs around them.
+
+    A pair is flagged when, for some block and axis, its translation is more
+    than ``max(n_mad * 1.4826 * MAD, min_px)`` from the median of the
+    ``window`` pairs centred on it (a Hampel filter; the windows shrink at the
+    stack's ends).  ``min_px`` keeps a steady stack, whose MAD is near zero,
+    from flagging its sub-pixel noise.
+
+    Parameters
+    ----------
+    matrices : ndarray, shape (nz, ..., 3, 3)
+        Pairwise matrices; ``matrices[0]`` (no pair) is never flagged.
+    window : int
+        Pairs in each window (odd, >= 3).
+    n_mad : float
+        Robust standard deviations (1.4826 MAD) allowed.
+    min_px : float
+        Deviation (px) never flagged.
+
+    Returns
+    -------
+    ndarray of bool, shape (nz,)
+    """
+    if window < 3 or window % 2 == 0:
+        raise ValueError(f"window = {window!r}: expected an odd number >= 3")
+    mats = np.asarray(matrices, np.float64)
+    t = mats[1:, ..., :2, 2].reshape(mats.shape[0] - 1, -1)  # (pairs, blocks x axes)
+    flags = np.zeros(mats.shape[0], bool)
+    if t.shape[0] < 3:
+        return flags
+    half = window // 2
+    padded = np.pad(t, ((half, half), (0, 0)), constant_values=np.nan)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, window, axis=0)  # (pairs, cols, window)
+    median = np.nanmedian(windows, axis=-1)
+    mad = np.nanmedian(np.abs(windows - median[..., None]), axis=-1)
+    limit = np.maximum(n_mad * 1.4826 * mad, min_px)
+    flags[1:] = (np.abs(t - median) > limit).any(axis=1)
+    return flags
 
 
 def zero_subpixel(matrices: np.ndarray) -> np.ndarray:

@@ -1,38 +1,57 @@
 """registration_calculation: pairwise matrices of consecutive slices (state only).
 
 Slice ``k - 1`` is the reference of slice ``k``; slice 0 gets the identity
-(matrix convention: :mod:`pystack3d_dask.kernels.registration`).  Each chunk
-is given the last slice of the chunk before it (overlap of depth ``(1, 0)``
-along z), so every pair is computed exactly once whatever the chunking.
+(matrix convention: :mod:`pystack3d_dask.kernels.registration`).  The stack
+is cut into pieces of consecutive slices, each given the last slice of the
+piece before it, so every pair is computed exactly once whatever the
+chunking.
 
 The step computes its state once, on the reference channel, and leaves the
 images unchanged; ``registration_transformation`` applies the matrices to
-every channel.  pystackreg holds the GIL, so without a ``distributed`` client
-the pairs run in a pool of ``nproc`` processes, started for the step.
+every channel.  Besides the matrices, the state holds a ``confidence`` per
+pair (normalised cross-correlation once registered) and ``outliers``, the
+pairs whose shift is far from their neighbours' (also named in a warning):
+one bad pair shifts every later slice.
+
+Where the pairs run: pystackreg holds the GIL, so without a ``distributed``
+client and with ``nproc > 1`` they run in a pool of ``nproc`` processes
+that lives as long as the step.  The main process reads each chunk of the
+stack once and sends the workers pieces of slices (guided scheduling:
+pieces shrink towards the end so the workers finish together).  The
+``phase_correlation`` method releases the GIL and runs on the current dask
+scheduler, in threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, wait
 
 import dask
 import dask.array as da
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pystack3d_dask.config import check, fail
 from pystack3d_dask.kernels.crop import area_slices
 from pystack3d_dask.kernels.registration import (
     MIN_BLOCK_SIZE,
+    Method,
     Transformation,
     block_centres,
     register_chunk,
+    shift_outliers,
 )
 from pystack3d_dask.steps.base import State, Step, StepContext, run_step
 
 SECTION = "registration_calculation"
+
+#: slices named in the outlier warning (the state holds them all)
+MAX_NAMED_OUTLIERS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +66,17 @@ class Params:
     nb_blocks: tuple[int, int] = (1, 1)
     #: channel on which the matrices are computed (default: the first one)
     reference_channel: str | None = None
+    #: estimator: pystackreg (PyStack3D's, every model) or FFT cross-correlation (TRANSLATION only)
+    method: Method = "stackreg"
+    #: phase_correlation's sub-pixel grid: 1 / upsample_factor px
+    upsample_factor: int = 20
 
     def __post_init__(self):
         check(min(self.nb_blocks) >= 1, SECTION, "nb_blocks", list(self.nb_blocks), "expected [nx, ny] >= 1")
+        check(self.upsample_factor >= 1, SECTION, "upsample_factor", self.upsample_factor, "expected >= 1")
+        check(self.method == "stackreg" or self.transformation == "TRANSLATION", SECTION, "method", self.method,
+              f'it fits TRANSLATION only, and transformation = "{self.transformation}": use '
+              f'method = "stackreg" for that model')
 
 
 def _check_blocks(nb_blocks: tuple[int, int], area_shape: tuple[int, int]) -> None:
@@ -66,36 +93,6 @@ def _check_blocks(nb_blocks: tuple[int, int], area_shape: tuple[int, int]) -> No
         )
 
 
-def _chunk_matrices(block: np.ndarray, params: Params, origin: tuple[int, int], first_index: int,
-                    block_info=None) -> np.ndarray:
-    # The first chunk has no overlap: its block is exactly the output chunk.
-    out = block_info[None]
-    has_previous = block.shape[0] == out["chunk-shape"][0] + 1
-    start = out["array-location"][0][0] - int(has_previous)
-    return register_chunk(
-        block,
-        has_previous=has_previous,
-        first_index=first_index + start,
-        transformation=params.transformation,
-        nb_blocks=params.nb_blocks,
-        threshold=params.threshold,
-        origin=origin,
-    )
-
-
-def _compute_in_processes(matrices: da.Array, nproc: int) -> np.ndarray:
-    """Compute ``matrices`` in a pool of ``nproc`` processes, one task at a time per worker."""
-    # A pool for this call only, shut down on every way out (an error, Ctrl-C, SIGTERM) once
-    # its running tasks end: no worker process outlives the step.  Starting it costs ~0.5 s.
-    pool = ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        # chunksize=1: dask's default batches of tasks leave one worker idle at the end
-        (mats,) = dask.compute(matrices, scheduler="processes", pool=pool, chunksize=1)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return mats
-
-
 def _client():
     """The default ``distributed`` client, or None (then the local schedulers run the graph)."""
     try:
@@ -106,45 +103,116 @@ def _client():
         return None
 
 
-def pairwise_matrices(stack: da.Array, params: Params, ctx: StepContext, *, workers: int = 1) -> da.Array:
-    """Lazy ``(nz, ny, nx, 3, 3)`` pairwise matrices of ``stack``.
+def _even_pieces(n: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
 
-    With several workers, the registration area is cut into about
-    ``16 * workers`` chunks so that the workers finish together (a chunk only
-    adds one slice of overlap; the result does not depend on the chunking).
+
+def _guided_pieces(n: int, workers: int) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` slices, each ``1 / (2 workers)`` of what is left (at least 1).
+
+    Large pieces first keep the per-piece cost low; the small last ones let
+    the workers finish together.
     """
-    rows, cols = area_slices(params.area, stack.shape[1:], key=f"[{SECTION}] area")
-    sub = stack[:, rows, cols]
-    _check_blocks(params.nb_blocks, sub.shape[1:])
-    if workers > 1:
-        sub = sub.rechunk((max(1, min(max(sub.chunks[0]), -(-sub.shape[0] // (16 * workers)))), -1, -1))
-    nx, ny = params.nb_blocks
-    overlapped = da.overlap.overlap(sub, depth={0: (1, 0), 1: 0, 2: 0}, boundary="none")
-    kernel = functools.partial(
-        _chunk_matrices, params=params, origin=(cols.start, rows.start), first_index=ctx.first_index
-    )
-    return overlapped.map_blocks(
-        kernel,
-        chunks=(sub.chunks[0], (ny,), (nx,), (3,), (3,)),
-        new_axis=[3, 4],
-        dtype=np.float64,
-        meta=np.empty((0,) * 5, np.float64),
+    pieces, start = [], 0
+    while start < n:
+        stop = start + max(1, (n - start) // (2 * workers))
+        pieces.append((start, stop))
+        start = stop
+    return pieces
+
+
+def _read_pieces(stack: da.Array, pieces: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+    """Yield ``stack[max(start - 1, 0) : stop]`` for each piece, reading each z chunk of ``stack`` once."""
+    edges = np.cumsum((0,) + stack.chunks[0])
+    buf, buf_start, chunk = np.empty((0,) + stack.shape[1:], stack.dtype), 0, 0
+    for start, stop in pieces:
+        lo = max(start - 1, 0)
+        buf, buf_start = buf[lo - buf_start :], lo  # what no later piece needs is dropped
+        while buf_start + len(buf) < stop:
+            buf = np.concatenate([buf, np.asarray(stack[edges[chunk] : edges[chunk + 1]].compute())])
+            chunk += 1
+        yield buf[: stop - buf_start]
+
+
+@contextlib.contextmanager
+def _process_pool(nproc: int) -> Iterator[ProcessPoolExecutor]:
+    """A pool of ``nproc`` fresh processes, shut down on every exit (queued pieces are cancelled)."""
+    # spawn, not fork: the parent runs threads (dask, zarr's event loop) that a fork would copy mid-flight
+    pool = ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _in_processes(sub: da.Array, kwargs: dict, nproc: int, first_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Register ``sub``'s pieces in a pool of ``nproc`` processes; the main process reads them."""
+    pieces = _guided_pieces(sub.shape[0], nproc)
+    with _process_pool(nproc) as pool:
+        futures = []
+        for (start, _), block in zip(pieces, _read_pieces(sub, pieces)):
+            futures.append(pool.submit(register_chunk, block, has_previous=start > 0,
+                                       first_index=first_index + max(start - 1, 0), **kwargs))
+            wait(futures[: -2 * nproc])  # memory: at most 2 pieces per worker read ahead
+        return [f.result() for f in futures]
+
+
+def _in_graph(sub: da.Array, kwargs: dict, workers: int, first_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Register ``sub``'s pieces as tasks of the current dask scheduler (threads or ``distributed``).
+
+    With several workers the stack is cut into about ``16 * workers`` pieces
+    so that the workers finish together.
+    """
+    size = max(sub.chunks[0]) if workers == 1 else max(1, min(max(sub.chunks[0]), -(-sub.shape[0] // (16 * workers))))
+    tasks = [
+        dask.delayed(register_chunk)(sub[max(start - 1, 0) : stop], has_previous=start > 0,
+                                     first_index=first_index + max(start - 1, 0), **kwargs)
+        for start, stop in _even_pieces(sub.shape[0], size)
+    ]
+    return list(dask.compute(*tasks))
+
+
+def _warn_outliers(outliers: np.ndarray, confidence: np.ndarray, first_index: int) -> None:
+    """One warning line naming the flagged slices (and their pair's confidence)."""
+    flagged = np.flatnonzero(outliers)
+    if flagged.size == 0:
+        return
+    worst = confidence.reshape(confidence.shape[0], -1).min(axis=1)
+    named = ", ".join(f"{first_index + k} (NCC {worst[k]:.2f})" for k in flagged[:MAX_NAMED_OUTLIERS])
+    more = f" and {flagged.size - MAX_NAMED_OUTLIERS} more" if flagged.size > MAX_NAMED_OUTLIERS else ""
+    warnings.warn(
+        f"[{SECTION}] {flagged.size} slice(s) shifted far from their neighbours' pairs, check them "
+        f"(a wrong pair shifts every later slice): {named}{more}",
+        stacklevel=2,
     )
 
 
 def compute_state(stack: da.Array, params: Params, ctx: StepContext) -> State:
-    client = _client()
-    workers = sum(client.nthreads().values()) if client is not None else ctx.nproc
-    matrices = pairwise_matrices(stack, params, ctx, workers=workers)
-    if client is None and not ctx.distributed and ctx.nproc > 1:
-        # pystackreg holds the GIL: threads would not register pairs side by side
-        mats = _compute_in_processes(matrices, ctx.nproc)
-    else:
-        (mats,) = dask.compute(matrices)
     rows, cols = area_slices(params.area, stack.shape[1:], key=f"[{SECTION}] area")
+    sub = stack[:, rows, cols]
+    _check_blocks(params.nb_blocks, sub.shape[1:])
+    kwargs = dict(transformation=params.transformation, nb_blocks=params.nb_blocks, threshold=params.threshold,
+                  origin=(cols.start, rows.start), method=params.method, upsample_factor=params.upsample_factor)
+    client = _client()
+    if client is None and not ctx.distributed and ctx.nproc > 1 and params.method == "stackreg":
+        # pystackreg holds the GIL: threads would not register pairs side by side
+        pieces = _in_processes(sub, kwargs, ctx.nproc, ctx.first_index)
+    else:
+        workers = sum(client.nthreads().values()) if client is not None else ctx.nproc
+        # one BLAS thread, as in distributed's workers: the upsampled DFT's matrix products round
+        # differently with several (1e-4 px), and tasks already fill the cores
+        with threadpool_limits(limits=1, user_api="blas"):
+            pieces = _in_graph(sub, kwargs, workers, ctx.first_index)
+    mats = np.concatenate([m for m, _ in pieces])
+    confidence = np.concatenate([c for _, c in pieces])
+    outliers = shift_outliers(mats)
+    _warn_outliers(outliers, confidence, ctx.first_index)
     nx, ny = params.nb_blocks
+    one = nx * ny == 1
     return {
-        "matrices": mats[:, 0, 0] if nx * ny == 1 else mats,
+        "matrices": mats[:, 0, 0] if one else mats,
+        "confidence": confidence[:, 0, 0] if one else confidence,
+        "outliers": outliers,
         "transformation": params.transformation,
         "nb_blocks": [nx, ny],
         "centres_y": block_centres(rows.stop - rows.start, ny, offset=rows.start),
@@ -177,6 +245,12 @@ def registration_calculation(stack, *, nproc: int = 1, **params) -> tuple[da.Arr
         Register the binarised images ``pixel <= threshold``.
     nb_blocks : (nx, ny)
         One matrix per block of an ``nx`` x ``ny`` grid (default ``(1, 1)``).
+    method : {"stackreg", "phase_correlation"}
+        pystackreg's TurboReg (default, PyStack3D's), or FFT cross-correlation
+        with upsampled-DFT refinement: TRANSLATION only, ~20x faster per pair,
+        releases the GIL (threads, or CuPy arrays on a GPU).
+    upsample_factor : int
+        ``phase_correlation``'s sub-pixel grid, 1 / upsample_factor px (default 20).
     reference_channel : str, optional
         Channel used in a project; ignored here.
 
@@ -187,12 +261,17 @@ def registration_calculation(stack, *, nproc: int = 1, **params) -> tuple[da.Arr
     state : dict
         ``matrices`` ``(z, 3, 3)``, or ``(z, ny, nx, 3, 3)`` with blocks
         (convention: :mod:`pystack3d_dask.kernels.registration`), plus the
-        block centres and the image shape used by ``registration_transformation``.
+        block centres and the image shape used by ``registration_transformation``;
+        ``confidence`` ``(z,)`` or ``(z, ny, nx)``, each pair's normalised
+        cross-correlation once registered (NaN for slice 0); ``outliers``
+        ``(z,)`` bool, the pairs whose shift is far from their neighbours'
+        (named in a warning).
 
     Raises
     ------
     ConfigError
-        Unknown transformation, or blocks smaller than 16 px.
+        Unknown transformation or method, ``phase_correlation`` with another
+        model than TRANSLATION, or blocks smaller than 16 px.
     StepError
         A threshold that leaves no pixel in a slice (the slice is named).
 
