@@ -1,8 +1,8 @@
-"""bkg_removal: throughput relative to a plain read, and the 3-D fit's peak memory at 1x and 4x slices.
+"""bkg_removal: throughput relative to a plain read, and the 3-D fit's peak memory at 1x, 4x and 16x slices.
 
 Run: ``python benchmarks/bench_bkg_removal.py [--shape 64 1024 1024] [--repeat 2]``
 
-A synthetic uint8 stack with the x*y*z background defect, ``4 x Z`` slices, is
+A synthetic uint8 stack with the x*y*z background defect, ``16 x Z`` slices, is
 written once to a temporary Zarr v3 store (project chunking and compressor).
 Then, in this one run, on the threaded scheduler:
 
@@ -10,12 +10,17 @@ Then, in this one run, on the threaded scheduler:
 * each configuration: its state (the fit) plus its result cast to uint8 and
   touched chunk by chunk (not written); MiB/s of input and ratio to ``read``;
   also the float32 result alone (the engine's cast to uint8 is part of the result);
-* the 3-D fit (``compute_state`` only) on the first ``Z`` and on all ``4 Z``
+* the 3-D fit (``compute_state`` only) on the first ``Z``, ``4 Z`` and ``16 Z``
   slices, each in a fresh interpreter: peak RSS of the process tree, and the
   tracemalloc peaks (numpy buffers included) of its two phases: reading the
   samples chunk by chunk (bounded by the chunks in flight) and fitting (the
-  gathered samples and the IRLS arrays: this one grows with the stack).
-  PyStack3D's 3-D fit holds about 1 kB per sampled voxel.
+  gathered samples and the IRLS arrays: this one grows with the samples).
+  Twice: without a sample budget (``max_samples = 0``: grows with the stack;
+  PyStack3D's 3-D fit holds about 1 kB per sampled voxel), and with
+  ``max_samples`` = the samples at ``Z`` slices (flat);
+* what the budget costs: the RMS difference between the backgrounds removed
+  with ``max_samples`` = 1/8 of the samples (skip factors doubled) and without,
+  relative to the RMS of the background removed, on all ``16 Z`` slices.
 
 Timings vary by 10-15 % from run to run on a shared machine: compare ratios.
 """
@@ -27,9 +32,11 @@ import json
 import math
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import dask
+import dask.array
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -83,7 +90,7 @@ def main(argv=None) -> None:
     nz, h, w = args.shape
     with tempfile.TemporaryDirectory() as tmp, dask.config.set(scheduler="threads"):
         store = f"{tmp}/stack.zarr"
-        full = synthetic_store(store, (4 * nz, h, w), defects=("background",))
+        full = synthetic_store(store, (16 * nz, h, w), defects=("background",))
         x = full[:nz]
         size = mib(x.nbytes)
         print(f"stack ({nz}, {h}, {w}) uint8 = {size:.0f} MiB, chunks of {x.chunks[0][0]} slices, "
@@ -100,19 +107,34 @@ def main(argv=None) -> None:
                   f"  (fit {fit:.2f} s, result {result:.2f} s, float32 before the cast {floats:.2f} s)")
 
         skip = MEMORY_PARAMS["skip_factors"]
-        runs = {}
-        for scale in (1, 4):
-            n = samples((scale * nz, h, w), skip)
-            seconds, rss, out = run_python(CHILD, store, str(scale * nz), json.dumps(MEMORY_PARAMS))
-            marks = json.loads(out.strip().splitlines()[-1])
-            runs[scale] = (n, rss, marks["fit_peak"])
-            print(f"3-D fit {MEMORY_PARAMS} on {scale * nz} slices, {n} sampled voxels: {seconds:.1f} s, "
-                  f"peak RSS {mib(rss):.0f} MiB; traced peaks: reading {mib(marks['read_peak']):.0f} MiB, "
-                  f"fitting {mib(marks['fit_peak']):.0f} MiB")
-        (n1, rss1, fit1), (n4, rss4, fit4) = runs[1], runs[4]
-        print(f"peak RSS at 4x / at 1x: {rss4 / rss1:.2f}; fit memory per extra sampled voxel: "
-              f"{(fit4 - fit1) / (n4 - n1):.0f} B traced, {(rss4 - rss1) / (n4 - n1):.0f} B RSS "
-              "(target <= 64 B; PyStack3D ~1000 B)")
+        budget = samples((nz, h, w), skip)
+        for max_samples in (0, budget):
+            params = {**MEMORY_PARAMS, "max_samples": max_samples}
+            runs = {}
+            for scale in (1, 4, 16):
+                n = min(samples((scale * nz, h, w), skip), max_samples or math.inf)
+                seconds, rss, out = run_python(CHILD, store, str(scale * nz), json.dumps(params))
+                marks = json.loads(out.strip().splitlines()[-1])
+                runs[scale] = rss
+                print(f"3-D fit {params} on {scale * nz} slices, at most {n} sampled voxels: {seconds:.1f} s, "
+                      f"peak RSS {mib(rss):.0f} MiB; traced peaks: reading {mib(marks['read_peak']):.0f} MiB, "
+                      f"fitting {mib(marks['fit_peak']):.0f} MiB")
+            print(f"max_samples = {max_samples}: peak RSS at 4x / 1x {runs[4] / runs[1]:.2f}, "
+                  f"at 16x / 1x {runs[16] / runs[1]:.2f} (target with a budget: <= 1.2)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref, _ = bkg_removal(full, cast=False, **MEMORY_PARAMS, max_samples=0)
+            eighth = samples(full.shape, skip) // 8
+            coarse, _ = bkg_removal(full, cast=False, **MEMORY_PARAMS, max_samples=eighth)
+        removed = rms(full.astype("f4") - ref)
+        print(f"background with max_samples = {eighth} (skip factors doubled) vs without: RMS difference "
+              f"{rms(coarse - ref):.4f} grey levels = {rms(coarse - ref) / removed:.2e} of the background "
+              f"removed (RMS {removed:.2f})")
+
+
+def rms(x) -> float:
+    return float(dask.array.sqrt((x.astype("f8") ** 2).mean()).compute())
+
 
 if __name__ == "__main__":
     main()

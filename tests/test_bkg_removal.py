@@ -69,6 +69,7 @@ def test_malformed_basis_is_a_config_error_with_position(text, where):
     ({"orders": [1, 1], "threshold_min": 10, "threshold_max": 5}, "threshold_max"),
     ({"orders": [1, 1], "weight_func": "huber"}, "weight_func"),
     ({"orders": [1, 1], "treshold_min": 3}, "did you mean 'threshold_min'"),
+    ({"orders": [1, 1, 1], "max_samples": -1}, "max_samples = -1 .*>= 0"),
 ])
 def test_bad_parameters(table, match):
     with pytest.raises(ConfigError, match=match):
@@ -157,6 +158,39 @@ def test_same_result_for_every_chunking_and_on_a_cluster(smooth, local_cluster, 
         out, state = bkg_removal(as_stack(stack, chunk_slices=4), cast=False, **params)
         np.testing.assert_allclose(state["coefs"], ref_state["coefs"], rtol=1e-9)
         np.testing.assert_allclose(out.compute(), ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("averaging", [False, True])
+def test_max_samples_thins_z_first_whatever_the_chunking(smooth, averaging):
+    stack = smooth[0]
+    # no z term: at least 4 sampled slices.  (2, 2, 1) samples 9 x 15 x 13 = 1755 voxels;
+    # 1000 allowed: 5 slices of 195 (sz = 2)
+    kw = {"orders": (1, 2, 0), "cross_terms": True, "skip_averaging": averaging}
+    _, thin = bkg_removal(stack, skip_factors=(2, 2, 2), max_samples=0, **kw)
+    for chunks in (1, 4, NZ):
+        with pytest.warns(UserWarning, match=r"would sample 1,755 voxels, more than max_samples = 1,000: "
+                                             r"the 3-D fit uses skip_factors = \[2, 2, 2\] \(975 voxels\)"):
+            _, state = bkg_removal(as_stack(stack, chunk_slices=chunks), skip_factors=(2, 2, 1),
+                                   max_samples=1000, **kw)
+        np.testing.assert_array_equal(state["coefs"], thin["coefs"])
+        assert state["skip_factors"] == [2, 2, 2]
+
+
+def test_max_samples_then_thins_rows_and_columns(smooth):
+    # z order 1 keeps at least 8 sampled slices (all 9 at sz = 1); then x and y thin together
+    kw = {"orders": (1, 1, 1), "max_samples": 100}
+    with pytest.warns(UserWarning, match=r"the 3-D fit uses skip_factors = \[12, 12, 1\] \(81 voxels\)"):
+        _, state = bkg_removal(smooth[0], skip_factors=(3, 3, 1), **kw)
+    _, ref = bkg_removal(smooth[0], skip_factors=(12, 12, 1), max_samples=0, orders=(1, 1, 1))
+    np.testing.assert_array_equal(state["coefs"], ref["coefs"])
+
+
+def test_max_samples_large_enough_changes_nothing(smooth, recwarn):
+    kw = {"orders": (1, 1, 1), "skip_factors": (2, 2, 2)}
+    _, free = bkg_removal(smooth[0], max_samples=0, **kw)
+    _, state = bkg_removal(smooth[0], max_samples=975, **kw)
+    np.testing.assert_array_equal(state["coefs"], free["coefs"])
+    assert state["skip_factors"] == [2, 2, 2] and not [w for w in recwarn if "max_samples" in str(w.message)]
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])

@@ -11,13 +11,18 @@ Global state (computed first, in one read of the stack):
     fit: each chunk is reduced to the sums and counts of its samples by a
     dask task, so the fit holds about 40 bytes per sampled voxel (values,
     indices, residuals, weights; 36 B measured by the benchmark), never the
-    stack.
+    stack.  ``max_samples`` bounds that memory whatever the stack's size: when
+    the skip factors would give more samples, fewer slices are sampled (down to
+    four per degree of the z terms), then fewer rows and columns, and a warning
+    names the factors used.  The sample grid depends on the stack's shape only,
+    never on its chunking or the scheduler.
 ``dim = 2``
     One fit per slice, inside the chunk's task; coefficients per slice.
 
 State keys: ``terms`` (basis term names), ``coefs`` (``(nterms,)`` for
 ``dim = 3``, ``(nz, nterms)`` for ``dim = 2``), ``offset`` (the level added
-back by ``preserve_avg``: one number, or one per slice), ``dim``.
+back by ``preserve_avg``: one number, or one per slice), ``dim``, and for
+``dim = 3`` the ``skip_factors`` the fit used.
 
 Output (lazy, float32): ``input - (background - constant term) + offset`` on
 the fitted pixels (finite and within ``[threshold_min, threshold_max]``);
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import ClassVar, Literal
 
 import dask
@@ -85,6 +91,9 @@ class Params:
     weight_func: Literal["HuberT", "Hampel", "None"] = "HuberT"
     #: keep the mean over the fitted pixels (see the module docstring)
     preserve_avg: bool = False
+    #: dim = 3: most sampled voxels the fit holds (about 40 B each); 0 = no limit.  Beyond,
+    #: the z skip factor grows first (down to 4 sampled slices per z order), then x and y
+    max_samples: int = 20_000_000
 
     def __post_init__(self):
         if (self.poly_basis is None) == (self.orders is None):
@@ -98,6 +107,8 @@ class Params:
         check(self.dim in (None, 2, 3), SECTION, "dim", self.dim, "expected 2 or 3")
         check(len(self.skip_factors) in (2, 3) and min(self.skip_factors) >= 1, SECTION, "skip_factors",
               list(self.skip_factors), "expected 2 or 3 integers >= 1 [sx, sy(, sz)]")
+        check(self.max_samples >= 0, SECTION, "max_samples", self.max_samples,
+              "expected an integer >= 0 (0: no limit)")
         check(self.fit_dim == 2 or len(self.skip_factors) == 3, SECTION, "skip_factors",
               list(self.skip_factors), "a 3-D fit needs three factors [sx, sy, sz]")
         if self.threshold_min is not None and self.threshold_max is not None:
@@ -127,9 +138,9 @@ def _top_xy(terms: tuple[Term, ...]) -> tuple[int, int]:
     return int(top[1]), int(top[0])
 
 
-def _sample_sums(stack: da.Array, params: Params) -> da.Array:
+def _sample_sums(stack: da.Array, params: Params, skip_yx: tuple[int, int]) -> da.Array:
     """Lazy ``(z, ny, nx, 2)`` sums and counts of the samples of every (sampled) slice."""
-    sx, sy = params.skip_factors[:2]
+    sy, sx = skip_yx
     ny, nx = math.ceil(stack.shape[1] / sy), math.ceil(stack.shape[2] / sx)
     return stack.map_blocks(
         sample_sums, skip_yx=(sy, sx), averaging=params.skip_averaging, **params.thresholds,
@@ -155,14 +166,44 @@ def _fit_error(where: str, exc: StepError, params: Params) -> StepError:
     )
 
 
+def _within_budget(shape: tuple[int, int, int], skip: tuple[int, ...], max_samples: int,
+                   min_slices: int) -> tuple[int, int, int]:
+    """Skip factors ``(sx, sy, sz)`` that leave at most ``max_samples`` grid points.
+
+    ``sz`` grows first, down to ``min_slices`` sampled slices: a background varies slowly
+    along z and long stacks have slices to spare; then ``sx`` and ``sy`` grow together.
+    """
+    nz, h, w = shape
+    sx, sy, sz = skip
+
+    def count(sx: int, sy: int, sz: int) -> int:
+        return math.ceil(nz / sz) * math.ceil(h / sy) * math.ceil(w / sx)
+
+    if not max_samples or count(sx, sy, sz) <= max_samples:
+        return sx, sy, sz
+    sz2 = sz
+    while count(sx, sy, sz2) > max_samples and math.ceil(nz / (sz2 + 1)) >= min_slices:
+        sz2 += 1
+    k = 1
+    while count(sx * k, sy * k, sz2) > max_samples and (sx * k < w or sy * k < h):
+        k += 1
+    warnings.warn(
+        f"[{SECTION}] skip_factors = {list(skip)} would sample {count(sx, sy, sz):,} voxels, more than "
+        f"max_samples = {max_samples:,}: the 3-D fit uses skip_factors = {[sx * k, sy * k, sz2]} "
+        f"({count(sx * k, sy * k, sz2):,} voxels).", stacklevel=4)
+    return sx * k, sy * k, sz2
+
+
 def _fit_3d(stack: da.Array, params: Params, ctx: StepContext) -> State:
     terms = params.basis()
-    sx, sy, sz = params.skip_factors
     nz, h, w = stack.shape
+    # enough sampled slices for the z terms: 4 per degree of freedom along z
+    min_slices = 4 * (max(t.exponents[2] for t in terms) + 1)
+    sx, sy, sz = _within_budget(stack.shape, params.skip_factors, params.max_samples, min_slices)
     if params.skip_averaging:
-        sums = _sum_z_blocks(_sample_sums(stack, params), sz)
+        sums = _sum_z_blocks(_sample_sums(stack, params, (sy, sx)), sz)
     else:
-        sums = _sample_sums(stack[::sz], params)
+        sums = _sample_sums(stack[::sz], params, (sy, sx))
     lazy = {"sums": sums}
     if params.preserve_avg:
         lazy["moments"] = stack.map_blocks(
@@ -181,7 +222,8 @@ def _fit_3d(stack: da.Array, params: Params, ctx: StepContext) -> State:
         mom = computed["moments"]
         total = sum((xy_coefficients(coefs, terms, z) * m).sum() for z, m in zip(coordinates(nz), mom))
         offset = float(total / mom[:, 0, 0].sum())
-    return {"dim": 3, "terms": [t.name for t in terms], "coefs": coefs, "offset": offset}
+    return {"dim": 3, "terms": [t.name for t in terms], "coefs": coefs, "offset": offset,
+            "skip_factors": [sx, sy, sz]}
 
 
 def _fit_slices(block: np.ndarray, *, params: Params, first_index: int, block_info=None) -> np.ndarray:
@@ -261,6 +303,10 @@ def bkg_removal(stack, **params) -> tuple[da.Array, State]:
         Robust norm of the fit (default ``"HuberT"``).
     preserve_avg : bool
         Keep the mean over the fitted pixels (default False).
+    max_samples : int
+        ``dim = 3``: most sampled voxels the fit holds (default 20 000 000, about
+        0.8 GB; 0: no limit); beyond, the z skip factor grows first, then x and y,
+        with a warning naming the factors used.
     zpos, channel, nproc, state, cast
         See :func:`pystack3d_dask.steps.base.run_step`.
 
