@@ -43,7 +43,7 @@ import numpy as np
 
 from pystack3d_dask.cluster import ClusterConfig, scheduler
 from pystack3d_dask.config import build_params, params_hash, suggest
-from pystack3d_dask.errors import ConfigError, DiskFullError, InputError, StoreError
+from pystack3d_dask.errors import ConfigError, DamagedError, DiskFullError, InputError, StoreError
 from pystack3d_dask.io.metadata import metadata_zpos, stack_metadata, summary
 from pystack3d_dask.io.tiff import (
     ChannelSource,
@@ -208,6 +208,11 @@ class Project:
                 # _transact), and a store that holds no complete result; an interruption (Ctrl-C,
                 # SIGTERM, SIGKILL, a walltime, a full disk) keeps what is written, for the next
                 # run to resume from: it is not an Exception (see signals.py) or is said so.
+                if isinstance(exc, DamagedError):  # a chunk read in this run failed its checksum
+                    store.record_damage(exc)
+                    raise StoreError(f"{exc.node} (from slice {exc.start}) in {self.store_path} cannot be read "
+                                     f"({exc.reason}): it is marked for recomputation; run again to recompute "
+                                     "it.") from None
                 disk_full = _disk_full(exc)
                 if new_store and not (self.store_path / INPUT).exists() and not disk_full:
                     shutil.rmtree(self.store_path, ignore_errors=True)
@@ -231,6 +236,7 @@ class Project:
             ``{step: {channel: [what is damaged, ...]}}``, empty when the store is whole.
         """
         found: dict[str, dict[str, list[str]]] = {}
+        unchecked = []
         with project_lock(self.output_dir):
             store = self._open_store()
             for step, channel, node, images in self._stored_nodes(store):
@@ -238,6 +244,8 @@ class Project:
                 if bad:
                     found.setdefault(step, {})[channel] = [bad[k] for k in sorted(bad, key=str)]
                     self._record_damage(store, step, node, bad)
+                elif images and not store.has_checksums(node):
+                    unchecked.append(node)
             for step in store.steps():
                 for key in store.state_keys(step):
                     try:
@@ -245,6 +253,10 @@ class Project:
                     except StoreError as exc:
                         found.setdefault(step, {}).setdefault("_state", []).append(f"state {key}: {exc}")
                         store.delete_state(step, key)
+        if unchecked:
+            warnings.warn(f"{', '.join(unchecked)} were written without checksums (before store format 2): only "
+                          "missing or truncated chunks are found in them; `run --force input` rewrites them.",
+                          stacklevel=2)
         return found
 
     def result(self, step: str = INPUT, channel: str | None = None) -> da.Array:

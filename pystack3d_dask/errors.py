@@ -24,6 +24,17 @@ class StoreError(PyStack3DError, OSError):
     """The project store cannot be written, is locked by another run, or is inconsistent."""
 
 
+class DamagedError(StoreError):
+    """A stored chunk of ``node`` from slice ``start`` fails its checksum or cannot be decoded (``reason``)."""
+
+    def __init__(self, message: str, node: str, start: int, reason: str):
+        super().__init__(message)
+        self.node, self.start, self.reason = node, start, reason
+
+    def __reduce__(self):  # raised in workers: keep the fields through pickling
+        return type(self), (str(self), self.node, self.start, self.reason)
+
+
 class DiskFullError(StoreError):
     """The disk is full: what was written stays, for a run with more space to resume from."""
 

@@ -55,7 +55,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pystack3d_dask.errors import DiskFullError, StoreError
+from pystack3d_dask.errors import DamagedError, DiskFullError, StoreError
 from pystack3d_dask.kernels.dtype import clip_cast, slice_stats
 
 STORE_NAME = "pystack3d_dask.zarr"
@@ -200,10 +200,14 @@ class StoredArray:
         try:
             return _open_array(self.store_path, self.node, "r")[key]
         except Exception as exc:  # a checksum, decoding or file error: the chunk is damaged
-            where = key[0] if isinstance(key, tuple) else key
-            raise StoreError(f"{self.node} slices {where.start}:{where.stop} in {self.store_path} cannot be "
-                             f"read ({exc}): the store is damaged; `pystack3d-dask verify` names what, and "
-                             "`run` then recomputes it.") from None
+            first = key[0] if isinstance(key, tuple) and key else key
+            if isinstance(first, slice):
+                start, where = first.start or 0, f"slices {first.start or 0}:{first.stop}"
+            else:
+                start, where = (first, f"slice {first}") if isinstance(first, int) else (0, "data")
+            raise DamagedError(f"{self.node} {where} in {self.store_path} cannot be read ({exc}): the store is "
+                               "damaged; `pystack3d-dask verify` names what, and `run` recomputes it.",
+                               self.node, start, str(exc)) from None
 
 
 def stats_node(node: str) -> str:
@@ -420,6 +424,10 @@ class ProjectStore:
                     bad.setdefault(idx[0], f"{name} chunk {idx[0]}: {found} bytes, expected {size}")
         return bad
 
+    def has_checksums(self, node: str) -> bool:
+        """True when the chunks of ``node`` end with a checksum (arrays of format 1 do not)."""
+        return any(isinstance(c, Crc32cCodec) for c in self.root[node].metadata.codecs)
+
     def verify_array(self, node: str, *, images: bool = True, workers: int = 1) -> dict[int | None, str]:
         """:meth:`damage`, then every chunk of ``node`` and its tables read through its checksum."""
         bad = self.damage(node, images=images)
@@ -434,8 +442,8 @@ class ProjectStore:
             cz = src.chunks[0]
             try:
                 src[i * cz : (i + 1) * cz]
-            except StoreError as exc:
-                return i, f"{name} chunk {i}: {str(exc).split('(', 1)[-1].split(')')[0]}"
+            except DamagedError as exc:
+                return i, f"{name} chunk {i}: {exc.reason}"
             return None
 
         nz = self.root[stats_node(node)].cdata_shape[0]
@@ -449,6 +457,17 @@ class ProjectStore:
             for i in np.flatnonzero(~done):
                 bad.setdefault(int(i), f"{stats_node(node)} chunk {i}: not marked done")
         return bad
+
+    def record_damage(self, exc: DamagedError) -> None:
+        """Mark what ``exc`` found damaged as undone, for the next run to recompute it."""
+        parts = exc.node.split("/")
+        if parts[0].endswith((NEW, OLD)):
+            return  # a result being written: its own run rewrites it
+        if len(parts) > 2 and parts[1] == "_state":
+            self.delete_state(parts[0], parts[2])
+            return
+        node = f"{parts[0]}/{parts[-1]}"
+        self.mark_undone(parts[0], node, [exc.start // self.root[stats_node(node)].chunks[0]])
 
     def mark_undone(self, step: str, node: str, chunks: Iterable[int]) -> None:
         """Record damaged z chunks of ``node``: their done flags cleared, ``step`` incomplete."""

@@ -89,6 +89,21 @@ def test_corrupted_chunk_is_caught_by_its_checksum_then_verify_and_run_repair_it
     assert code == 0 and "every stored chunk matches" in out[0]
 
 
+def test_a_run_that_reads_a_corrupted_chunk_marks_it_and_the_next_run_repairs_it(project):
+    folder, before = project
+    path = chunk(folder, "cropping/_", 3)
+    data = bytearray(path.read_bytes())
+    data[7] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"^cropping/_ \(from slice 12\) in .* cannot be read \(Stored and "
+                                         r"computed checksum do not match.*\): it is marked for recomputation; "
+                                         r"run again to recompute it.$"):
+        Project(folder, quiet=True, chunk_slices=CZ).run(force=["cropping_final"])
+    report = run(folder)
+    assert report.computed == {"cropping": CZ}  # the forced step failed: its old result stays
+    assert tree_digest(folder / STORE_NAME) == before
+
+
 def test_broken_array_metadata_recomputes_the_step(project, capsys):
     folder, before = project
     (folder / STORE_NAME / "cropping_final" / "_" / "zarr.json").write_text("{ broken")
