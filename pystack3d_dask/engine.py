@@ -61,6 +61,7 @@ from pystack3d_dask.steps.base import StepContext, default_chunk_slices
 from pystack3d_dask.store import (
     COMPRESSION,
     INPUT,
+    NEW,
     STATS_COLUMNS,
     STORE_NAME,
     ProjectStore,
@@ -312,10 +313,19 @@ class Project:
                "metadata": summary((store.info(INPUT) or {}).get("metadata"), self.config.metadata), "steps": {}}
         for step in (INPUT,) + self.config.process_steps:
             info = store.info(step)
-            if info is None:
+            pending = store.info(step + NEW)
+            if info is None and pending is None:
                 out["steps"][step] = {"status": "not run"}
                 continue
-            entry = {"status": "complete" if info.get("complete") else "partial"}
+            entry = {"status": "not run" if info is None else "complete" if info.get("complete") else "partial"}
+            if pending is not None:  # an interrupted recomputation: its chunks wait beside the result
+                node = store.node(step + NEW, self.config.channels[0])
+                done = store.done_chunks(node) if not pending.get("alias") and (store.path / node).exists() else None
+                entry["next"] = "being computed" + ("" if done is None else f" ({int(done.sum())}/{done.size} "
+                                                                            "chunks): run again to finish it")
+            if info is None:
+                out["steps"][step] = entry
+                continue
             if info.get("discarded"):
                 entry["status"] += " (images discarded)"
             if info.get("alias"):

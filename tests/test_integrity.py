@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 
 import numpy as np
@@ -196,7 +197,7 @@ def test_bad_parameters_are_found_before_any_work(tmp_path, text, match, capsys)
     before = tree_digest(tmp_path)
     code, _, err = cli_lines(capsys, "run", str(tmp_path))
     assert code == 2 and len(err) == 1
-    assert __import__("re").search(match, err[0]), err[0]
+    assert re.search(match, err[0]), err[0]
     assert {k: v for k, v in tree_digest(tmp_path).items() if k != LOCK_NAME} == before
 
 
@@ -257,6 +258,9 @@ def test_disk_full_is_one_line_and_the_rerun_resumes(project, monkeypatch, capsy
     monkeypatch.setattr(local, "_put", put)
     done = {k: v for k, v in tree_digest(folder / STORE_NAME).items() if "~new" not in k}
     assert done == before  # the complete results are untouched; written chunks wait in cropping~new
+    entry = Project(folder).info()["steps"]["cropping"]
+    assert entry["status"] == "complete" and re.fullmatch(r"being computed \(\d/5 chunks\): run again to finish it",
+                                                          entry["next"])
     report = Project(folder, quiet=True, chunk_slices=CZ).run()
     assert 0 < report.computed["cropping"] < 18  # resumed
     write_params(folder, PARAMS)
