@@ -438,17 +438,21 @@ class Project:
             store.mark_undone(step, node, [i for i in bad if i is not None])
 
     def _check_params(self, todo: list[str], source: ChannelSource) -> None:
-        """Check every step's areas against the image shape known after discovery, before any work."""
+        """Check every step's areas (and its own shape checks) against the image shape known after
+        discovery, before any work."""
         shape = (source.nslices,) + source.shape
         cfg = self.config
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # clipping is said when the step runs
             for name in cfg.process_steps:
                 params = cfg.step_params[name]
+                step = get_step(name)
                 area = getattr(params, "area", None)
                 if area is not None and name in todo:
                     area_slices(area, shape[1:], key=f"[{name}] area")
-                shape = get_step(name).shape_out(params, shape)
+                if step.check_shape is not None and name in todo:
+                    step.check_shape(params, shape)
+                shape = step.shape_out(params, shape)
 
     def _zpos(self, source: ChannelSource) -> np.ndarray | None:
         """z positions from the file names with the resampling ``policy`` (or PyStack3D's default one).

@@ -80,6 +80,9 @@ class Step:
     #: parameters alone fix it; by default the input's, an upper bound for steps whose state
     #: crops (registration).  Lets every parameter be checked against the shape before work.
     output_shape: Callable[[Any, tuple[int, int, int]], tuple[int, int, int]] | None = None
+    #: ``check_shape(params, shape)``: raise ``ConfigError`` when the parameters cannot work on an
+    #: input of this ``(z, y, x)`` shape (an upper bound, see ``output_shape``); called before any work
+    check_shape: Callable[[Any, tuple[int, int, int]], None] | None = None
 
     def shape_out(self, params: Any, shape: tuple[int, int, int]) -> tuple[int, int, int]:
         """The result's shape (an upper bound where the state decides) for an input ``shape``."""

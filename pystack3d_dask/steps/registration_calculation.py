@@ -225,7 +225,13 @@ def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> No
     return None
 
 
-STEP = Step(name=SECTION, Params=Params, apply=apply, compute_state=compute_state, shared_state=True)
+def check_shape(params: Params, shape: tuple[int, int, int]) -> None:
+    rows, cols = area_slices(params.area, shape[1:], key=f"[{SECTION}] area")
+    _check_blocks(params.nb_blocks, (rows.stop - rows.start, cols.stop - cols.start))
+
+
+STEP = Step(name=SECTION, Params=Params, apply=apply, compute_state=compute_state, shared_state=True,
+            check_shape=check_shape)
 
 
 def registration_calculation(stack, *, nproc: int = 1, **params) -> tuple[da.Array, State]:
