@@ -106,7 +106,8 @@ def drain(x) -> None:
     x.map_blocks(_last_value, chunks=(1, 1, 1), dtype=np.float64).compute()
 
 
-def synthetic_store(path: str, shape: tuple[int, int, int], *, defects: tuple[str, ...], dtype: str = "uint8"):
+def synthetic_store(path: str, shape: tuple[int, int, int], *, defects: tuple[str, ...], dtype: str = "uint8",
+                    chunk_mib: float = 32.0):
     """Stream a synthetic case into a Zarr array (project chunking); return it as a dask array.
 
     uint16 stacks use the 16-bit range (values x 257).
@@ -118,7 +119,7 @@ def synthetic_store(path: str, shape: tuple[int, int, int], *, defects: tuple[st
     from pystack3d_dask.store import COMPRESSION
     from pystack3d_dask.synthetic import SyntheticCase
 
-    cz = default_chunk_slices(shape, dtype)
+    cz = default_chunk_slices(shape, dtype, target_mib=chunk_mib)
     arr = zarr.create_array(path, shape=shape, chunks=(cz,) + tuple(shape[1:]), dtype=dtype,
                             compressors=COMPRESSION["none"])
     case = SyntheticCase(shape, defects=defects)

@@ -161,28 +161,21 @@ def test_same_result_for_every_chunking_and_on_a_cluster(smooth, local_cluster, 
 
 
 @pytest.mark.parametrize("averaging", [False, True])
-def test_max_samples_thins_z_first_whatever_the_chunking(smooth, averaging):
-    stack = smooth[0]
-    # no z term: at least 4 sampled slices.  (2, 2, 1) samples 9 x 15 x 13 = 1755 voxels;
-    # 1000 allowed: 5 slices of 195 (sz = 2)
-    kw = {"orders": (1, 2, 0), "cross_terms": True, "skip_averaging": averaging}
-    _, thin = bkg_removal(stack, skip_factors=(2, 2, 2), max_samples=0, **kw)
+@pytest.mark.parametrize("orders, skip, budget, used, voxels", [
+    ((1, 2, 0), (2, 2, 1), 1000, (3, 3, 2), 450),  # 9 x 15 x 13 = 1755 sampled voxels without a budget
+    ((1, 1, 1), (3, 3, 1), 100, (7, 7, 3), 60),    # 9 x 10 x 9 = 810
+])
+def test_max_samples_thins_every_axis_alike_whatever_the_chunking(smooth, averaging, orders, skip, budget, used,
+                                                                   voxels):
+    kw = {"orders": orders, "cross_terms": True, "skip_averaging": averaging}
+    _, thin = bkg_removal(smooth[0], skip_factors=used, max_samples=0, **kw)
     for chunks in (1, 4, NZ):
-        with pytest.warns(UserWarning, match=r"would sample 1,755 voxels, more than max_samples = 1,000: "
-                                             r"the 3-D fit uses skip_factors = \[2, 2, 2\] \(975 voxels\)"):
-            _, state = bkg_removal(as_stack(stack, chunk_slices=chunks), skip_factors=(2, 2, 1),
-                                   max_samples=1000, **kw)
+        with pytest.warns(UserWarning, match=rf"more than max_samples = {budget:,}: the 3-D fit uses "
+                                             rf"skip_factors = \[{used[0]}, {used[1]}, {used[2]}\] \({voxels} voxels\)"):
+            _, state = bkg_removal(as_stack(smooth[0], chunk_slices=chunks), skip_factors=skip,
+                                   max_samples=budget, **kw)
         np.testing.assert_array_equal(state["coefs"], thin["coefs"])
-        assert state["skip_factors"] == [2, 2, 2]
-
-
-def test_max_samples_then_thins_rows_and_columns(smooth):
-    # z order 1 keeps at least 8 sampled slices (all 9 at sz = 1); then x and y thin together
-    kw = {"orders": (1, 1, 1), "max_samples": 100}
-    with pytest.warns(UserWarning, match=r"the 3-D fit uses skip_factors = \[12, 12, 1\] \(81 voxels\)"):
-        _, state = bkg_removal(smooth[0], skip_factors=(3, 3, 1), **kw)
-    _, ref = bkg_removal(smooth[0], skip_factors=(12, 12, 1), max_samples=0, orders=(1, 1, 1))
-    np.testing.assert_array_equal(state["coefs"], ref["coefs"])
+        assert state["skip_factors"] == list(used)
 
 
 def test_max_samples_large_enough_changes_nothing(smooth, recwarn):

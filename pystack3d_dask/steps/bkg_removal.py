@@ -12,9 +12,8 @@ Global state (computed first, in one read of the stack):
     dask task, so the fit holds about 40 bytes per sampled voxel (values,
     indices, residuals, weights; 36 B measured by the benchmark), never the
     stack.  ``max_samples`` bounds that memory whatever the stack's size: when
-    the skip factors would give more samples, fewer slices are sampled (down to
-    four per degree of the z terms), then fewer rows and columns, and a warning
-    names the factors used.  The sample grid depends on the stack's shape only,
+    the skip factors would give more samples, all three grow by the same ratio
+    until they do not, and a warning names the factors used.  The sample grid depends on the stack's shape only,
     never on its chunking or the scheduler.
 ``dim = 2``
     One fit per slice, inside the chunk's task; coefficients per slice.
@@ -92,7 +91,7 @@ class Params:
     #: keep the mean over the fitted pixels (see the module docstring)
     preserve_avg: bool = False
     #: dim = 3: most sampled voxels the fit holds (about 40 B each); 0 = no limit.  Beyond,
-    #: the z skip factor grows first (down to 4 sampled slices per z order), then x and y
+    #: the three skip factors grow by the same ratio
     max_samples: int = 20_000_000
 
     def __post_init__(self):
@@ -166,40 +165,38 @@ def _fit_error(where: str, exc: StepError, params: Params) -> StepError:
     )
 
 
-def _within_budget(shape: tuple[int, int, int], skip: tuple[int, ...], max_samples: int,
-                   min_slices: int) -> tuple[int, int, int]:
+def _within_budget(shape: tuple[int, int, int], skip: tuple[int, ...], max_samples: int) -> tuple[int, int, int]:
     """Skip factors ``(sx, sy, sz)`` that leave at most ``max_samples`` grid points.
 
-    ``sz`` grows first, down to ``min_slices`` sampled slices: a background varies slowly
-    along z and long stacks have slices to spare; then ``sx`` and ``sy`` grow together.
+    All three grow by the same ratio (rounded up, in steps of 5 %), so the samples thin
+    out evenly along every axis: thinning one axis alone lets the content along it alias
+    into the fit (a few sampled slices turn the blobs' slice-to-slice variation into z terms).
     """
     nz, h, w = shape
-    sx, sy, sz = skip
+
+    def scaled(ratio: float) -> tuple[int, int, int]:
+        sx, sy, sz = (math.ceil(s * ratio - 1e-9) for s in skip)
+        return sx, sy, sz
 
     def count(sx: int, sy: int, sz: int) -> int:
         return math.ceil(nz / sz) * math.ceil(h / sy) * math.ceil(w / sx)
 
-    if not max_samples or count(sx, sy, sz) <= max_samples:
-        return sx, sy, sz
-    sz2 = sz
-    while count(sx, sy, sz2) > max_samples and math.ceil(nz / (sz2 + 1)) >= min_slices:
-        sz2 += 1
-    k = 1
-    while count(sx * k, sy * k, sz2) > max_samples and (sx * k < w or sy * k < h):
-        k += 1
-    warnings.warn(
-        f"[{SECTION}] skip_factors = {list(skip)} would sample {count(sx, sy, sz):,} voxels, more than "
-        f"max_samples = {max_samples:,}: the 3-D fit uses skip_factors = {[sx * k, sy * k, sz2]} "
-        f"({count(sx * k, sy * k, sz2):,} voxels).", stacklevel=4)
-    return sx * k, sy * k, sz2
+    ratio = 1.0
+    while max_samples and count(*scaled(ratio)) > max_samples:  # ends: 1 voxel once s >= n
+        ratio *= 1.05
+    factors = scaled(ratio)
+    if ratio > 1:
+        warnings.warn(
+            f"[{SECTION}] skip_factors = {list(skip)} would sample {count(*skip):,} voxels, more than "
+            f"max_samples = {max_samples:,}: the 3-D fit uses skip_factors = {list(factors)} "
+            f"({count(*factors):,} voxels).", stacklevel=4)
+    return factors
 
 
 def _fit_3d(stack: da.Array, params: Params, ctx: StepContext) -> State:
     terms = params.basis()
     nz, h, w = stack.shape
-    # enough sampled slices for the z terms: 4 per degree of freedom along z
-    min_slices = 4 * (max(t.exponents[2] for t in terms) + 1)
-    sx, sy, sz = _within_budget(stack.shape, params.skip_factors, params.max_samples, min_slices)
+    sx, sy, sz = _within_budget(stack.shape, params.skip_factors, params.max_samples)
     if params.skip_averaging:
         sums = _sum_z_blocks(_sample_sums(stack, params, (sy, sx)), sz)
     else:
@@ -305,8 +302,8 @@ def bkg_removal(stack, **params) -> tuple[da.Array, State]:
         Keep the mean over the fitted pixels (default False).
     max_samples : int
         ``dim = 3``: most sampled voxels the fit holds (default 20 000 000, about
-        0.8 GB; 0: no limit); beyond, the z skip factor grows first, then x and y,
-        with a warning naming the factors used.
+        0.8 GB; 0: no limit); beyond, the three skip factors grow by the same
+        ratio, with a warning naming the factors used.
     zpos, channel, nproc, state, cast
         See :func:`pystack3d_dask.steps.base.run_step`.
 
