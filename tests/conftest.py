@@ -63,7 +63,7 @@ def vendor_tags(vendor: str, *, pixel_nm: float = 5.0, wd_mm: float = 5.1, detec
     if vendor == "fibics":  # tag 51023: XML, the pixel's x and y vectors in µm
         u = pixel_nm / 1e3
         zpos = "" if z_um is None else f"<ATLAS3D><Slice><ZPos>{z_um}</ZPos></Slice></ATLAS3D>"
-        text = (f'<?xml version="1.0"?><Fibics version="1.0"><Image><Detector>{detector}</Detector></Image>'
+        text = (f'<?xml version="1.0" encoding="iso-8859-1"?>\n<Fibics version="1.0"><Image><Detector>{detector}</Detector></Image>'
                 f"<Scan><Ux>{u}</Ux><Uy>0</Uy><Vx>0</Vx><Vy>{u}</Vy><Dwell>100</Dwell></Scan>{zpos}</Fibics>")
         return [(51023, "s", 0, text, True)]
     if vendor == "fei":  # tag 34682: an INI text, lengths in metres

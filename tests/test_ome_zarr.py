@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import dask.array as da
 import numpy as np
@@ -143,6 +149,56 @@ def test_resume_after_an_interruption_writes_only_what_is_missing(tmp_path, monk
     written.clear()
     write_ome_zarr(x, out, scale=(0.01, 0.005, 0.005), slab_mib=0.5)  # complete: nothing to do
     assert written == []
+
+
+# The child exports with every write unit slowed down, so that the parent can kill it mid-level.
+CHILD = textwrap.dedent("""
+    import sys, time
+    import zarr
+    from pystack3d_dask.io import ome_zarr
+
+    real = ome_zarr._write_unit
+    ome_zarr._write_unit = lambda *args: (time.sleep(0.05), real(*args))[1]
+    ome_zarr.write_ome_zarr(zarr.open_array(sys.argv[1], mode="r"), sys.argv[2], scale=(0.01, 0.005, 0.005),
+                            version=sys.argv[3], slab_mib=0.001)
+""")
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_sigkill_then_resume_is_byte_identical(tmp_path, version):
+    source = zarr.create_array(tmp_path / "src.zarr", shape=(40, 300, 280), chunks=(1, 300, 280), dtype="u1")
+    source[:] = random_stack((40, 300, 280))
+    out, script = tmp_path / "killed.ome.zarr", tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "src.zarr"), str(out), version], env=env)
+    deadline = time.monotonic() + 120
+    while len([p for p in (out / "0").rglob("*") if p.is_file() and "zarr" not in p.name]) < 10:
+        assert proc.poll() is None and time.monotonic() < deadline, "the export ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert "ome" not in zarr.open_group(out, mode="r").attrs
+    write_ome_zarr(source, out, scale=(0.01, 0.005, 0.005), version=version, slab_mib=0.001)
+    write_ome_zarr(source, tmp_path / "clean.ome.zarr", scale=(0.01, 0.005, 0.005), version=version, slab_mib=0.001)
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    killed, clean = files(out), files(tmp_path / "clean.ome.zarr")
+    assert killed.keys() == clean.keys()  # no partial file left behind
+    assert all(killed[k] == clean[k] for k in clean)
+
+
+def test_same_result_on_a_local_cluster(tmp_path, local_cluster):
+    from distributed import Client
+
+    x = da.from_array(random_stack((12, 600, 300)), chunks=(5, -1, -1))
+    write_ome_zarr(x, tmp_path / "threads.ome.zarr", slab_mib=0.5)
+    with Client(local_cluster):
+        write_ome_zarr(x, tmp_path / "cluster.ome.zarr", slab_mib=0.5)
+    for a, b in zip(_levels(tmp_path / "threads.ome.zarr"), _levels(tmp_path / "cluster.ome.zarr")):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_refuses_foreign_or_other_outputs(tmp_path):

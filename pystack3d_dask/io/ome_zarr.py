@@ -173,7 +173,8 @@ def write_ome_zarr(
         Size of one write unit: memory is about this times the number of workers.
     source_id : str, optional
         What identifies the image (e.g. a step's hash), to tell a resumable export from
-        another one at ``path``; default: the dask name of ``image``.
+        another one at ``path``; default: a Zarr array's location, else the dask name of
+        ``image`` (for a numpy array, a hash of its content).
     quiet : bool
         No progress bar.
 
@@ -209,7 +210,7 @@ def write_ome_zarr(
                          slab=source_z, slab_mib=slab_mib, max_levels=max_levels)
     path = Path(path)
     ident = json.loads(json.dumps({  # as it reads back from the attributes
-        "source": source_id or arr.name, "version": version, "shape": arr.shape, "dtype": str(arr.dtype),
+        "source": source_id or _source_id(image, arr), "version": version, "shape": arr.shape, "dtype": str(arr.dtype),
         "levels": [dataclasses.asdict(lv) for lv in levels], "channels": names, "unit": unit}))
     root = _open_output(path, ident, version)
     if root.attrs[EXPORT_ATTR].get("complete"):
@@ -248,6 +249,11 @@ def _as_cz_stack(image: Any) -> da.Array:
     return arr
 
 
+def _source_id(image: Any, arr: da.Array) -> str:
+    """What identifies ``image`` across processes: a Zarr array's location, else the dask name."""
+    return f"zarr:{image.store_path}" if isinstance(image, zarr.Array) else arr.name
+
+
 def _open_output(path: Path, ident: dict, version: str) -> zarr.Group:
     """The output group: created new, or reopened when it is a partial export of the same image."""
     fmt = 3 if version == "0.5" else 2
@@ -266,6 +272,8 @@ def _open_output(path: Path, ident: dict, version: str) -> zarr.Group:
         if previous != ident:
             raise StoreError(f"the export path {path} holds another export ({previous.get('source')}, OME-Zarr "
                              f"{previous.get('version')}): remove it or give a new folder.")
+        for partial in path.rglob("*.partial"):  # a file a killed export was writing (never renamed)
+            partial.unlink(missing_ok=True)
         return root
     try:
         return zarr.create_group(path, zarr_format=fmt, overwrite=True, attributes={EXPORT_ATTR: ident})
