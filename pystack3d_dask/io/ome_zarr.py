@@ -205,7 +205,7 @@ def write_ome_zarr(
     names = [str(i) for i in range(arr.shape[0])] if channel_names is None else [str(n) for n in channel_names]
     if len(names) != arr.shape[0]:
         raise ConfigError(f"channel_names = {names!r} is invalid: expected {arr.shape[0]} names, one per channel.")
-    source_z = arr.chunks[1][0] if len(arr.chunks[2]) == len(arr.chunks[3]) == 1 else None
+    source_z = _source_slab(arr, slab_mib) if isinstance(image, da.Array) else None
     levels = plan_levels(arr.shape, arr.dtype.itemsize, scale=scale, translation=(z_origin, 0.0, 0.0),
                          slab=source_z, slab_mib=slab_mib, max_levels=max_levels)
     path = Path(path)
@@ -247,6 +247,18 @@ def _as_cz_stack(image: Any) -> da.Array:
         raise ConfigError(f"image of shape {arr.shape} is invalid: expected a non-empty (z, y, x) "
                           "or (c, z, y, x) stack.")
     return arr
+
+
+def _source_slab(arr: da.Array, slab_mib: float) -> int | None:
+    """The source's chunk depth when its chunks hold whole slices of about ``slab_mib`` MiB.
+
+    A write unit of whole source chunks reads each source chunk once (a project's store is
+    chunked so); other chunkings are regrouped to ``slab_mib``.
+    """
+    cz = arr.chunks[1][0]
+    nbytes = cz * arr.shape[2] * arr.shape[3] * arr.dtype.itemsize
+    whole = len(arr.chunks[2]) == len(arr.chunks[3]) == 1
+    return cz if whole and slab_mib / 2 <= nbytes / 2**20 <= 2 * slab_mib else None
 
 
 def _source_id(image: Any, arr: da.Array) -> str:
