@@ -6,7 +6,7 @@
     pystack3d-dask demo [DIR] [--shape N,H,W]
     pystack3d-dask info PATH
     pystack3d-dask verify PATH
-    pystack3d-dask plot PATH [--step S ...] [--channel C] [--out DIR]
+    pystack3d-dask report PATH [--out DIR]
     pystack3d-dask export PATH --step S [--channel C] [--format tiff|ome-zarr|ome-zarr-0.4] OUT
 """
 
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="chunk compression (off: noisy slices hardly compress, and it costs speed)")
     run.add_argument("--keep", choices=["all", "last"], default="all",
                      help="last: delete each step's images once the next step has read them (saves disk)")
-    run.add_argument("--no-plots", action="store_true", help="skip the figures of the steps computed")
+    run.add_argument("--no-plots", action="store_true", help="write no report page (figures)")
 
     demo = sub.add_parser("demo", help="run the chain on a built-in synthetic stack with ground truth")
     demo.add_argument("dir", nargs="?", default="pystack3d_dask_demo")
@@ -65,12 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("path")
     verify.add_argument("--output", help="folder holding the store, if not the project folder")
 
-    plot = sub.add_parser("plot", help="figures of steps: statistics, state, cut-planes (PNG)")
-    plot.add_argument("path")
-    plot.add_argument("--step", nargs="+", help="steps to plot (default: every complete step)")
-    plot.add_argument("--channel")
-    plot.add_argument("--out", help="folder for the PNG files (default: beside the store)")
-    plot.add_argument("--output", help="folder holding the store, if not the project folder")
+    report = sub.add_parser("report", help="write the report page (figures of every complete step)")
+    report.add_argument("path")
+    report.add_argument("--out", help="folder for the page (default: pystack3d_dask_report beside the store)")
+    report.add_argument("--output", help="folder holding the store, if not the project folder")
 
     export = sub.add_parser("export", help="write a step's result as an OME-Zarr image or a TIFF folder")
     export.add_argument("path")
@@ -107,7 +105,7 @@ def _run(args) -> int:
 
     project = Project(args.path, output_dir=args.output, chunk_mib=args.chunk_mib, cluster=args.cluster,
                       compression=args.compression, keep=args.keep, quiet=args.quiet)
-    report = project.run(args.steps, force=args.force)
+    report = project.run(args.steps, force=args.force, plots=not args.no_plots)
     for message in report.messages:
         print(message)
     if report.skipped:
@@ -115,11 +113,10 @@ def _run(args) -> int:
     done = [f"{name} ({report.seconds.get(name, 0):.1f} s)" for name in report.done]
     print(f"computed: {', '.join(done) or 'nothing'}")
     print(f"store: {project.store_path}")
-    if not args.no_plots and report.done:
-        from pystack3d_dask.report import plot_step
+    if not args.no_plots:
+        from pystack3d_dask.report import PAGE, REPORT_DIR
 
-        paths = [p for step in report.done for p in plot_step(project, step)]
-        print(f"figures: {paths[0].parent} ({len(paths)} PNG files)")
+        print(f"report: {project.store_path.parent / REPORT_DIR / PAGE}")
     return 0
 
 
@@ -153,15 +150,15 @@ def _verify(args) -> int:
     return 0
 
 
-def _plot(args) -> int:
+def _report(args) -> int:
     from pystack3d_dask.engine import Project
-    from pystack3d_dask.report import plot_step
+    from pystack3d_dask.report import write_report
 
-    project = Project(args.path, output_dir=args.output)
-    steps = args.step or [s for s, e in project.info()["steps"].items() if e["status"] == "complete"]
-    for step in steps:
-        for path in plot_step(project, step, channel=args.channel, folder=args.out):
-            print(path)
+    path = write_report(Project(args.path, output_dir=args.output), folder=args.out)
+    if path is None:
+        print("error: the report could not be written (see the warning above)", file=sys.stderr)
+        return 1
+    print(path)
     return 0
 
 
@@ -174,7 +171,7 @@ def _export(args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _run, "demo": _demo, "info": _info, "verify": _verify, "plot": _plot, "export": _export}
+_COMMANDS = {"run": _run, "demo": _demo, "info": _info, "verify": _verify, "report": _report, "export": _export}
 
 if __name__ == "__main__":
     sys.exit(main())

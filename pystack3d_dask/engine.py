@@ -93,6 +93,14 @@ class RunReport:
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     skipped: list[str] = dataclasses.field(default_factory=list)
     messages: list[str] = dataclasses.field(default_factory=list)
+    #: called with each step's name as soon as the step is complete (the report's hook)
+    on_done: Callable[[str], None] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def step_done(self, name: str) -> None:
+        """Record ``name`` as computed in this run and tell :attr:`on_done`."""
+        self.done.append(name)
+        if self.on_done is not None:
+            self.on_done(name)
 
 
 class Project:
@@ -167,7 +175,7 @@ class Project:
                                   f"({channel_key(ch)!r}): rename one of the folders.")
 
     # -- public API --------------------------------------------------------------------------------
-    def run(self, steps: Sequence[str] | None = None, *, force: Iterable[str] = ()) -> RunReport:
+    def run(self, steps: Sequence[str] | None = None, *, force: Iterable[str] = (), plots: bool = True) -> RunReport:
         """Ingest if needed and run the steps (all of ``process_steps`` by default).
 
         Parameters
@@ -178,6 +186,9 @@ class Project:
         force : iterable of str
             Steps to recompute even if complete (with every step after them); ``"input"``
             ingests the images again, which is needed to accept changed input images.
+        plots : bool
+            Write the report, ``pystack3d_dask_report/index.html`` beside the store: each
+            step's figures are drawn in a background thread while the next step computes.
         """
         cfg = self.config
         todo = list(cfg.steps_to_run)
@@ -194,6 +205,12 @@ class Project:
         zpos = self._zpos(sources[0])
         check_writable(self.output_dir)
         report = RunReport()
+        writer = None
+        if plots:
+            from pystack3d_dask.report import ReportWriter
+
+            writer = ReportWriter(self)
+            report.on_done = writer.step_done
         with interruptible(), project_lock(self.output_dir):
             new_store = not self.store_path.exists()
             try:
@@ -204,7 +221,11 @@ class Project:
                     self._ingest(store, sources, records, zpos, report, distributed, force=INPUT in force)
                     report.seconds[INPUT] = time.perf_counter() - start
                     self._run_steps(store, todo, force, report, distributed)
-            except Exception as exc:
+            except BaseException as exc:
+                if writer is not None:
+                    writer.abort()  # no page for a run that did not end
+                if not isinstance(exc, Exception):
+                    raise
                 # An error (bad input, bad parameter) removes what the failing step wrote (see
                 # _transact), and a store that holds no complete result; an interruption (Ctrl-C,
                 # SIGTERM, SIGKILL, a walltime, a full disk) keeps what is written, for the next
@@ -222,6 +243,8 @@ class Project:
                     raise write_error(exc, self.store_path, stack * len(sources), "a step (its whole result, "
                                       "at most)") from None
                 raise
+            if writer is not None:
+                writer.finish(report)
         return report
 
     def verify(self) -> dict[str, dict[str, list[str]]]:
@@ -554,7 +577,7 @@ class Project:
             return total
 
         report.computed[INPUT] = self._transact(store, INPUT, chain, write, fresh=force)
-        report.done.append(INPUT)
+        report.step_done(INPUT)
 
     def _input_changes(self, store: ProjectStore, info: dict, sources: list[ChannelSource], cz: int) -> list[str]:
         """What changed in the input since the ingest (files, channels, chunking); empty if nothing."""
@@ -630,7 +653,7 @@ class Project:
                 store, name, chain, functools.partial(self._run_step, store, step, params, prev, chain,
                                                       distributed), fresh=forced)
             report.seconds[name] = time.perf_counter() - start
-            report.done.append(name)
+            report.step_done(name)
             if self.keep == "last" and not store.info(name).get("alias"):
                 # the step just written was the only reader of its input's images
                 source = store.info(prev).get("alias") or prev

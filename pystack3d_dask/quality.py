@@ -43,10 +43,14 @@ def _center(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return img[y0 : y0 + h, x0 : x0 + w]
 
 
-def stripe_power(img: np.ndarray) -> float:
-    """Energy of the high-pass filtered column means: what vertical curtains add."""
-    cols = img.astype(np.float64).mean(axis=0)
-    return float(np.mean((cols - ndimage.uniform_filter1d(cols, 9, mode="nearest")) ** 2))
+def stripe_power(img: np.ndarray) -> float | np.ndarray:
+    """Energy of the high-pass filtered column means: what vertical curtains add.
+
+    A ``(y, x)`` slice gives a float; a ``(z, y, x)`` block gives one value per slice.
+    """
+    cols = img.astype(np.float64).mean(axis=-2)
+    power = np.mean((cols - ndimage.uniform_filter1d(cols, 9, axis=-1, mode="nearest")) ** 2, axis=-1)
+    return float(power) if power.ndim == 0 else power
 
 
 def x_shift(ref: np.ndarray, img: np.ndarray) -> float:

@@ -27,10 +27,10 @@ def test_run_info_export(tmp_path, capsys):
     assert re.search(r"computed: input \([\d.]+ s\), cropping", capsys.readouterr().out)
     assert main(["-q", "run", str(tmp_path)]) == 0
     assert "already complete: input, cropping" in capsys.readouterr().out
-    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "fig")]) == 0
-    assert capsys.readouterr().out.count(".png") == 4
-    assert {p.name for p in (tmp_path / "fig").iterdir()} == {
-        "input_root_stats.png", "input_root_cuts.png", "cropping_root_stats.png", "cropping_root_cuts.png"}
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "fig")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "fig" / "index.html")
+    page = (tmp_path / "fig" / "index.html").read_text()
+    assert '<section id="input">' in page and '<section id="cropping">' in page
     assert main(["info", str(tmp_path)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["steps"]["cropping"]["shape"] == [5, 8, 10]

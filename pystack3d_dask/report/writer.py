@@ -1,0 +1,266 @@
+"""The report of a project: ``<project>/pystack3d_dask_report/index.html``, written during a run.
+
+A run hands each step to :meth:`ReportWriter.step_done` as soon as it is
+complete.  The writer takes what it needs from the store there, on the run's
+thread, between two steps (statistics, state, the lazy result: small reads,
+and no write of the run is in flight), then reads the cut-planes and draws
+the figures in one background thread while the next step computes.  The
+thread is a daemon: Ctrl-C, SIGTERM or an error end the run without waiting
+for it, and an interrupted run writes no page.  Figures never change a
+result: a figure that fails is reported on the page and in a warning.
+
+With ``keep="last"`` the engine deletes a step's images once the next step
+is written; ``step_done`` therefore waits until the previous step's planes
+are read (long done by then: reading them is far cheaper than the step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+
+from pystack3d_dask.report import figures, html
+from pystack3d_dask.report.views import Views, read_views
+from pystack3d_dask.store import INPUT
+
+log = logging.getLogger("pystack3d_dask")
+
+REPORT_DIR = "pystack3d_dask_report"
+PAGE = "index.html"
+#: the last run's summary (what was computed, skipped, how long), kept for ``pystack3d-dask report``
+RUN_FILE = "run.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Taken:
+    """What the figures of one step and channel need from the store, taken on the run's thread."""
+
+    stats: dict
+    state: dict | None
+    #: the stored result, or None when its images are not stored (``keep="last"``)
+    stack: da.Array | None
+
+
+class ReportWriter:
+    """Builds a project's report step by step, in a background thread or on the caller's.
+
+    Parameters
+    ----------
+    project : Project
+    folder : path, optional
+        Default ``<store folder>/pystack3d_dask_report``.
+    background : bool
+        Read and draw in a background thread (during a run); False does it in :meth:`step_done`.
+    """
+
+    def __init__(self, project, *, folder: str | Path | None = None, background: bool = True):
+        self.project = project
+        self.folder = Path(folder) if folder is not None else project.store_path.parent / REPORT_DIR
+        self.started = time.time()
+        self._views: dict[str, Views] = {}  # by dask name: a step that aliases its input shares its views
+        self._names: dict[tuple[str, str], str | None] = {}
+        self._sections: dict[str, str] = {}
+        self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if background else None
+        self._thread: threading.Thread | None = None
+        self._read = threading.Event()
+        self._read.set()
+        self._stopped = False
+
+    # -- the run's side ----------------------------------------------------------------------------
+    def step_done(self, step: str) -> None:
+        """Queue the figures of ``step``, just completed (or render them now without a background)."""
+        try:
+            taken = self._take(step)
+        except Exception as exc:
+            self._sections[step] = _failed(step, exc)
+            return
+        if self._queue is None:
+            self._views_of(step, taken)
+            self._draw(step, taken)
+            return
+        self._read.wait()
+        self._read = threading.Event()
+        read = self._read
+        self._submit(lambda: self._guard(step, lambda: self._views_of(step, taken), done=read))
+        self._submit(lambda: self._guard(step, lambda: self._draw(step, taken)))
+
+    def abort(self) -> None:
+        """Drop the queued figures: the run failed or was interrupted and writes no page."""
+        self._stopped = True
+        if self._queue is not None:
+            self._queue.put(None)
+
+    def finish(self, run: Any = None) -> Path | None:
+        """Wait for the queued figures, draw the steps not drawn yet, write the page; return its path.
+
+        ``run`` is the engine's :class:`~pystack3d_dask.engine.RunReport` (None: show the last
+        run's summary, saved beside the page).  A failure is a warning, never an error.
+        """
+        try:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
+            summary = self._summary(run)
+            for step in self._complete_steps():
+                if step not in self._sections:
+                    taken = self._take(step)
+                    self._guard(step, lambda: (self._views_of(step, taken), self._draw(step, taken)))
+            order = [s for s in (INPUT,) + tuple(self.project.config.process_steps) if s in self._sections]
+            sections = [(s, s, self._sections[s]) for s in order]
+            text = html.page(title=f"pystack3d-dask report: {self.project.config.project_dir.name}",
+                             summary=summary, sections=sections)
+            return html.write_atomic(self.folder / PAGE, text)
+        except Exception as exc:  # the report never fails a run
+            log.warning("the report could not be written in %s: %s", self.folder, exc)
+            return None
+
+    # -- the background side -----------------------------------------------------------------------
+    def _submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="pystack3d-dask-report", daemon=True)
+            self._thread.start()
+        self._queue.put(job)
+
+    def _work(self) -> None:
+        while not self._stopped:
+            job = self._queue.get()
+            if job is None or self._stopped:
+                return
+            job()
+
+    def _guard(self, step: str, job: Callable[[], Any], *, done: threading.Event | None = None) -> None:
+        """Run ``job``; a failure becomes a note in the step's section and a warning."""
+        try:
+            job()
+        except Exception as exc:
+            self._sections[step] = self._sections.get(step, "") + _failed(step, exc)
+        finally:
+            if done is not None:
+                done.set()
+
+    # -- what a step's figures need ----------------------------------------------------------------
+    def _channels(self) -> list[str]:
+        return list(self.project.config.channels)
+
+    def _previous(self, step: str) -> str | None:
+        steps = (INPUT,) + tuple(self.project.config.process_steps)
+        i = steps.index(step)
+        return steps[i - 1] if i > 0 else None
+
+    def _complete_steps(self) -> list[str]:
+        entries = self.project.info()["steps"]
+        return [s for s, e in entries.items() if e["status"].startswith("complete")]
+
+    def _take(self, step: str) -> dict[str, _Taken]:
+        """Statistics, state and lazy result of ``step`` per channel (on the run's thread)."""
+        images = self.project.has_images(step)
+        return {ch: _Taken(stats=self.project.stats(step, ch),
+                           state=None if step == INPUT else self.project.state(step, ch),
+                           stack=self.project.result(step, ch) if images else None)
+                for ch in self._channels()}
+
+    def _views_of(self, step: str, taken: dict[str, _Taken]) -> None:
+        """Read the planes of ``step``'s result (once per stored array), keeping the slice most curtained before it."""
+        prev = self._previous(step)
+        for ch, t in taken.items():
+            if t.stack is None:
+                self._names[step, ch] = None
+                continue
+            self._names[step, ch] = t.stack.name
+            if t.stack.name not in self._views:
+                before = self._cached(prev, ch)
+                extra = [before.most_striped] if before is not None else []
+                self._views[t.stack.name] = read_views(t.stack, slices=extra)
+
+    def _cached(self, step: str | None, channel: str) -> Views | None:
+        name = self._names.get((step, channel)) if step is not None else None
+        return self._views.get(name) if name is not None else None
+
+    def _draw(self, step: str, taken: dict[str, _Taken]) -> None:
+        prev = self._previous(step)
+        parts = [_parameters(self.project, step)]
+        for ch, t in taken.items():
+            before, after = self._cached(prev, ch), self._cached(step, ch)
+            if len(taken) > 1:
+                parts.append(f"<h3>channel {escape(ch)}</h3>")
+            groups = [functools.partial(figures.stats_figures, t.stats)]
+            if step in figures.STATE_FIGURES and t.state is not None:
+                groups.append(functools.partial(figures.STATE_FIGURES[step], t.state, before, after))
+            if t.stack is None:
+                parts.append('<p class="warn">images not stored (keep="last"): no cut-planes.</p>')
+            groups.append(functools.partial(figures.cut_planes, before, after))
+            for group in groups:  # one failing figure leaves the others
+                try:
+                    parts += group()
+                except Exception as exc:
+                    parts.append(_failed(step, exc))
+        self._sections[step] = "".join(parts) + self._sections.get(step, "")
+
+    # -- summary -----------------------------------------------------------------------------------
+    def _summary(self, run: Any) -> str:
+        run_file = self.folder / RUN_FILE
+        if run is not None:
+            record = {"done": run.done, "computed": run.computed, "seconds": run.seconds, "skipped": run.skipped,
+                      "messages": run.messages, "started": self.started, "finished": time.time()}
+            html.write_atomic(run_file, json.dumps(record, indent=1))
+        elif run_file.exists():
+            record = json.loads(run_file.read_text())
+        else:
+            record = None
+        return summary(self.project, record)
+
+
+def _failed(step: str, exc: Exception) -> str:
+    """Say in a warning and on the page that a figure of ``step`` failed."""
+    log.warning("report: the figures of %s failed: %s: %s", step, type(exc).__name__, exc)
+    return f'<p class="warn">figures failed: {escape(type(exc).__name__)}: {escape(str(exc))}</p>'
+
+
+def _parameters(project, step: str) -> str:
+    params = project.config.step_params.get(step)
+    if params is None:
+        return ""
+    lines = "\n".join(f"{k} = {json.dumps(v, default=str)}" for k, v in dataclasses.asdict(params).items())
+    return f"<details><summary>parameters</summary><pre>{escape(lines)}</pre></details>"
+
+
+def summary(project, record: dict | None) -> str:
+    """The run summary: the project, then one row per step (status, what the last run did, time)."""
+    cfg = project.config
+    info = project.info()
+    first = info["steps"].get(INPUT, {})
+    about = [("parameters", str(cfg.toml_path or "(given as a table)")), ("input folder", str(cfg.project_dir)),
+             ("store", str(project.store_path)), ("channels", ", ".join(cfg.channels)),
+             ("input", f"{first.get('shape')} {first.get('dtype', '')}"), ("nproc", str(cfg.nproc))]
+    if record is not None:
+        start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["started"]))
+        about.append(("last run", f"{start}, {record['finished'] - record['started']:.1f} s"))
+    rows = []
+    for step, entry in info["steps"].items():
+        did, seconds = "", ""
+        if record is not None:
+            if step in record["done"]:
+                total = (entry.get("shape") or [0])[0] * len(cfg.channels)
+                n = record["computed"].get(step, 0)
+                did = f"resumed: {n} of {total} slices computed" if 0 < n < total else "computed"
+                seconds = f"{record['seconds'].get(step, 0):.1f}"
+            elif step in record["skipped"]:
+                did = "skipped (already complete)"
+        rows.append([f'<a href="#{escape(step)}">{escape(step)}</a>', escape(entry["status"]), did,
+                     f'<span class="n">{seconds}</span>', escape(str(entry.get("shape", "")))])
+    out = html.table(["", ""], [[escape(k), escape(v)] for k, v in about])
+    out += html.table(["step", "status", "last run", "seconds", "shape (z, y, x)"], rows)
+    for message in (record or {}).get("messages", []):
+        out += f'<p class="warn">{escape(message)}</p>'
+    return out

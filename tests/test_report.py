@@ -1,0 +1,242 @@
+"""The report page: written by every run in the background, self-contained, never failing a run."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+from conftest import random_stack, write_params, write_slices
+
+from pystack3d_dask.engine import Project
+from pystack3d_dask.errors import StoreError
+from pystack3d_dask.report import PAGE, REPORT_DIR, figures, svg, write_report
+from pystack3d_dask.report.views import read_views
+
+STEPS = ("input", "cropping", "intensity_rescaling_area", "intensity_rescaling", "bkg_removal",
+         "registration_calculation", "registration_transformation", "destriping", "resampling", "cropping_final")
+
+
+def demo_project(folder: Path, **kwargs) -> Path:
+    """The demo's synthetic case, small, on one process, with every step."""
+    from pystack3d_dask.demo import write_demo_project
+
+    toml, _ = write_demo_project(folder, shape=(24, 48, 48),
+                                 steps=tuple(s for s in STEPS if s != "input"), **kwargs)
+    toml.write_text(re.sub(r"nproc = \d+", "nproc = 1", toml.read_text()))
+    return toml
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    toml = demo_project(tmp_path_factory.mktemp("demo"))
+    run = Project(toml, quiet=True).run()
+    return toml, run
+
+
+def sections(page: str) -> dict[str, str]:
+    parts = re.split(r'<section id="([^"]+)">', page)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_run_writes_a_self_contained_page(demo):
+    toml, run = demo
+    page = (toml.parent / REPORT_DIR / PAGE).read_text()
+    assert list(sections(page)) == list(STEPS)
+    assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "figures failed" not in page
+    uris = re.findall(r'src="data:image/webp;base64,([^"]+)"', page)
+    assert len(uris) >= 3 * len(STEPS)
+    for uri in uris:  # every embedded image is a whole WebP file
+        blob = base64.b64decode(uri)
+        assert blob[:4] == b"RIFF" and blob[8:12] == b"WEBP" and int.from_bytes(blob[4:8], "little") == len(blob) - 8
+    assert len(page) < 2_000_000
+    summary = page.split("<section")[0]
+    for step in STEPS:
+        assert re.search(rf'#{step}">{step}</a></td><td>complete</td><td>computed</td>', summary), step
+
+
+def test_each_step_shows_its_own_figures(demo):
+    toml, _ = demo
+    got = sections((toml.parent / REPORT_DIR / PAGE).read_text())
+    for step in STEPS:
+        assert got[step].count("per slice</title>") == 3, step  # min, max, mean along z
+    assert "before xy" in got["bkg_removal"] and "after yz" in got["bkg_removal"]
+    assert "before xy" not in got["input"] and "after xy" in got["input"]
+    assert "Images unchanged" in got["registration_calculation"]
+    assert "Background polynomial fitted over the stack" in got["bkg_removal"]
+    assert got["intensity_rescaling"].count('alt="before"') == 1 and 'alt="after"' in got["intensity_rescaling"]
+    assert "pairwise translation (px)" in got["registration_calculation"]
+    assert "cumulative translation (px)" in got["registration_calculation"]
+    assert "applied translation (px)" in got["registration_transformation"]
+    assert "stripe power</title>" in got["destriping"] and "most curtained slice" in got["destriping"]
+    assert "z positions</title>" in got["resampling"]
+    assert "rescaling factor</title>" in got["intensity_rescaling_area"]
+
+
+def test_rerun_says_skipped_and_command_rewrites(demo, capsys):
+    from pystack3d_dask.cli import main
+
+    toml, _ = demo
+    Project(toml, quiet=True).run()
+    folder = toml.parent / REPORT_DIR
+    page = (folder / PAGE).read_text()
+    assert page.count("skipped (already complete)") == len(STEPS)
+    assert json.loads((folder / "run.json").read_text())["skipped"] == list(STEPS)
+    (folder / PAGE).unlink()
+    assert main(["report", str(toml)]) == 0
+    assert capsys.readouterr().out.strip() == str(folder / PAGE)
+    assert list(sections((folder / PAGE).read_text())) == list(STEPS)
+
+
+def test_results_do_not_depend_on_the_report(tmp_path, demo):
+    toml, _ = demo
+    other = demo_project(tmp_path)
+    Project(other, quiet=True).run(plots=False)
+    assert not (other.parent / REPORT_DIR).exists()
+    a, b = Project(toml), Project(other)
+    for step in STEPS[1:]:
+        np.testing.assert_array_equal(a.result(step).compute(), b.result(step).compute())
+
+
+def test_keep_last_still_shows_every_step(tmp_path):
+    toml = demo_project(tmp_path)
+    Project(toml, quiet=True, keep="last").run()
+    got = sections((toml.parent / REPORT_DIR / PAGE).read_text())
+    for step in STEPS[1:]:
+        assert "figures failed" not in got[step]
+    for step in ("bkg_removal", "destriping", "resampling"):  # their inputs' images are discarded now
+        assert "before xy" in got[step] and "after xy" in got[step], step
+    assert not Project(toml).has_images("bkg_removal")
+
+
+def test_a_failing_figure_never_fails_the_run(tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ink")
+
+    monkeypatch.setitem(figures.STATE_FIGURES, "bkg_removal", broken)
+    toml = demo_project(tmp_path)
+    run = Project(toml, quiet=True).run(["bkg_removal"])
+    assert run.done[-1] == "bkg_removal"
+    got = sections((toml.parent / REPORT_DIR / PAGE).read_text())
+    assert "figures failed: RuntimeError: no ink" in got["bkg_removal"]
+    assert "figures failed" not in got["cropping"] and "after xy" in got["bkg_removal"]
+    assert "figures of bkg_removal failed" in caplog.text
+
+
+def test_an_interrupted_run_writes_no_page_and_stops_the_thread(tmp_path, monkeypatch):
+    from pystack3d_dask import engine
+
+    def interrupted(tasks, *, desc, **kwargs):
+        if desc == "destriping":
+            raise KeyboardInterrupt
+        return execute(tasks, desc=desc, **kwargs)
+
+    execute = engine.execute
+    monkeypatch.setattr(engine, "execute", interrupted)
+    toml = demo_project(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        Project(toml, quiet=True).run()
+    assert not (toml.parent / REPORT_DIR / PAGE).exists()
+    for thread in threading.enumerate():
+        if thread.name == "pystack3d-dask-report":
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+
+
+def test_report_command_errors(tmp_path, capsys):
+    from pystack3d_dask.cli import main
+
+    write_slices(tmp_path, random_stack((3, 8, 8)))
+    write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\narea = [0, 4, 0, 4]\n')
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no store at" in capsys.readouterr().err
+    with pytest.raises(StoreError):
+        write_report(Project(tmp_path))
+
+
+@pytest.mark.parametrize("cz", [1, 7, 40])
+def test_views_do_not_depend_on_chunks(cz):
+    stack = random_stack((40, 30, 26), dtype="float32")
+    stack[17, :, ::3] += 400  # a curtained slice
+    stack[5, :4] = np.nan  # a NaN border
+    views = read_views(da.from_array(stack, chunks=(cz, -1, -1)), slices=[3])
+    np.testing.assert_array_equal(views.xz, stack[:, 15])
+    np.testing.assert_array_equal(views.yz, stack[:, :, 13])
+    np.testing.assert_array_equal(views.xy, stack[20])
+    assert views.most_striped == 17 and set(views.slices) == {3, 17, 20}
+    np.testing.assert_array_equal(views.slices[3], stack[3])
+    reference = read_views(da.from_array(stack, chunks=(40, -1, -1)))
+    np.testing.assert_array_equal(views.stripes, reference.stripes)
+    assert np.isfinite(views.stripes).all()
+
+
+def test_nice_ticks():
+    np.testing.assert_allclose(svg.nice_ticks(0, 119), [0, 50, 100, 150])
+    np.testing.assert_allclose(svg.nice_ticks(-0.013, 0.021), [-0.02, -0.01, 0, 0.01, 0.02, 0.03])
+    assert len(svg.nice_ticks(5, 5)) >= 2
+    with pytest.raises(ValueError, match="finite"):
+        svg.nice_ticks(0, np.inf)
+
+
+def test_chart_keeps_spikes_and_breaks_at_nan():
+    y = np.zeros(100_000)
+    y[54_321] = 9.0
+    chart = svg.line_chart({"y": y}, title="t")
+    assert chart.count(",") < 2 * (2 * svg.MAX_BUCKETS + 10)  # decimated
+    ys = [float(p.split(",")[1]) for p in re.search(r'points="([^"]+)"', chart).group(1).split()]
+    assert len(set(ys)) == 2  # the spike survives the decimation
+    gap = svg.line_chart({"y": np.array([1.0, 2.0, np.nan, 3.0, 4.0])}, title="t")
+    assert gap.count("<polyline") == 2
+    assert "no finite values" in svg.line_chart({"y": np.full(3, np.nan)}, title="t")
+
+
+def test_flagged_pairs_are_circled():
+    mats = np.tile(np.eye(3), (6, 1, 1))
+    mats[3, 0, 2] = 7.5
+    state = {"matrices": mats, "transformation": "TRANSLATION", "confidence": np.array([1, .9, .9, .2, .9, .9]),
+             "outliers": np.array([False, False, False, True, False, False])}
+    (fig,) = figures.STATE_FIGURES["registration_calculation"](state, None, None)
+    assert fig.count('class="m"') == 2 + 1 + 1  # tx and ty, cumulative, confidence
+    assert "pair 2-3: tx = 7.5 px (flagged)" in fig and "Flagged pairs (circled): 2-3." in fig
+    del state["outliers"], state["confidence"]
+    (fig,) = figures.STATE_FIGURES["registration_calculation"](state, None, None)
+    assert 'class="m"' not in fig and "pair confidence" not in fig
+
+
+CHROMIUM = Path("/usr/lib/chromium/chromium-headless-shell")
+
+
+@pytest.mark.browser
+def test_page_in_a_headless_browser(demo, tmp_path):
+    """Load the page from file:// in Chromium: no console error, every image decodes; save a screenshot."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip(f"no {CHROMIUM}: apt-get install -y --no-install-recommends chromium-headless-shell")
+    toml, _ = demo
+    page_path = toml.parent / REPORT_DIR / PAGE
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors, requests = [], []
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("request", lambda req: requests.append(req.url))
+            page.goto(page_path.as_uri(), wait_until="load")
+            sizes = page.evaluate("Array.from(document.images, i => [i.complete, i.naturalWidth, i.naturalHeight])")
+            charts = page.evaluate("Array.from(document.querySelectorAll('svg.chart'), s => s.getBBox().width)")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
+    assert all(url.startswith(("file:", "data:")) for url in requests), requests
+    assert len(sizes) >= 3 * len(STEPS) and all(ok and w > 0 and h > 0 for ok, w, h in sizes)
+    assert len(charts) >= 3 * len(STEPS) and min(charts) > 100
+    assert (tmp_path / "report.png").stat().st_size > 10_000
