@@ -7,6 +7,7 @@
     pystack3d-dask info PATH
     pystack3d-dask verify PATH
     pystack3d-dask report PATH [--out DIR]
+    pystack3d-dask preview PATH --step S [--slices N] [--set KEY=V1,V2,... ...] [--channel C] [--out DIR]
     pystack3d-dask export PATH --step S [--channel C] [--format tiff|ome-zarr|ome-zarr-0.4] OUT
 """
 
@@ -30,6 +31,14 @@ def _shape(text: str) -> tuple[int, int, int]:
     if min(n, h, w) < 16:
         raise argparse.ArgumentTypeError(f"--shape {text!r}: every size must be >= 16")
     return n, h, w
+
+
+def _slices(text: str) -> int | list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--slices {text!r}: expected a count (5) or slice indices (16,50)") from None
+    return values[0] if len(values) == 1 and "," not in text else values
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("path")
     report.add_argument("--out", help="folder for the page (default: pystack3d_dask_report beside the store)")
     report.add_argument("--output", help="folder holding the store, if not the project folder")
+
+    preview = sub.add_parser("preview", help="try parameter values on a few slices (nothing stored)")
+    preview.add_argument("path")
+    preview.add_argument("--step", required=True)
+    preview.add_argument("--slices", type=_slices, default=5,
+                         help="how many evenly spaced slices (default 5), or which: e.g. 16,50")
+    preview.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2,...", dest="settings",
+                         help="values to try for a key of the step's table, e.g. filters[0].noise_level=50,100,200 "
+                              "(repeat for a grid)")
+    preview.add_argument("--channel")
+    preview.add_argument("--out", help="folder for the contact sheet (default: the report folder)")
+    preview.add_argument("--output", help="folder holding the store, if not the project folder")
 
     export = sub.add_parser("export", help="write a step's result as an OME-Zarr image or a TIFF folder")
     export.add_argument("path")
@@ -162,6 +183,18 @@ def _report(args) -> int:
     return 0
 
 
+def _preview(args) -> int:
+    from pystack3d_dask.engine import Project
+    from pystack3d_dask.preview import preview
+
+    result = preview(Project(args.path, output_dir=args.output), args.step, slices=args.slices,
+                     settings=args.settings, channel=args.channel, folder=args.out)
+    for label, values in result.measures.items():
+        print(f"{label}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    print(f"contact sheet: {result.page} ({len(result.slices)} slices, {result.seconds:.1f} s)")
+    return 0
+
+
 def _export(args) -> int:
     from pystack3d_dask.engine import Project
 
@@ -171,7 +204,8 @@ def _export(args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _run, "demo": _demo, "info": _info, "verify": _verify, "report": _report, "export": _export}
+_COMMANDS = {"run": _run, "demo": _demo, "info": _info, "verify": _verify, "report": _report, "preview": _preview,
+             "export": _export}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -53,19 +53,50 @@ def stripe_power(img: np.ndarray) -> float | np.ndarray:
     return float(power) if power.ndim == 0 else power
 
 
-def x_shift(ref: np.ndarray, img: np.ndarray) -> float:
-    """Sub-pixel x shift between ``img`` and ``ref``: cross-correlation peak, Gaussian refinement."""
-    a = ref.astype(np.float64) - ref.mean()
-    b = img.astype(np.float64) - img.mean()
-    corr = np.fft.irfft2(np.fft.rfft2(a) * np.conj(np.fft.rfft2(b)), s=a.shape)
-    iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
-    left, centre, right = corr[iy, ix - 1], corr[iy, ix], corr[iy, (ix + 1) % corr.shape[1]]
+def _peak_offset(left: float, centre: float, right: float) -> float:
+    """Sub-pixel offset of a peak from its value and its two neighbours'."""
     if min(left, centre, right) > 0:  # a Gaussian through the three values: unbiased on smooth images
         left, centre, right = np.log(left), np.log(centre), np.log(right)
     curvature = left - 2 * centre + right
-    frac = 0.5 * (left - right) / curvature if curvature < 0 else 0.0
-    shift = ix + frac
-    return float(shift - corr.shape[1] if shift > corr.shape[1] / 2 else shift)
+    return 0.5 * (left - right) / curvature if curvature < 0 else 0.0
+
+
+def shift(ref: np.ndarray, img: np.ndarray) -> tuple[float, float]:
+    """Sub-pixel ``(y, x)`` shift between ``img`` and ``ref``: cross-correlation peak, Gaussian refinement."""
+    a = ref.astype(np.float64) - ref.mean()
+    b = img.astype(np.float64) - img.mean()
+    corr = np.fft.irfft2(np.fft.rfft2(a) * np.conj(np.fft.rfft2(b)), s=a.shape)
+    ny, nx = corr.shape
+    iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
+    dy = iy + _peak_offset(corr[iy - 1, ix], corr[iy, ix], corr[(iy + 1) % ny, ix])
+    dx = ix + _peak_offset(corr[iy, ix - 1], corr[iy, ix], corr[iy, (ix + 1) % nx])
+    return float(dy - ny if dy > ny / 2 else dy), float(dx - nx if dx > nx / 2 else dx)
+
+
+def x_shift(ref: np.ndarray, img: np.ndarray) -> float:
+    """Sub-pixel x shift between ``img`` and ``ref`` (see :func:`shift`)."""
+    return shift(ref, img)[1]
+
+
+def _trend_sigma(shape: tuple[int, ...]) -> float:
+    """Gaussian width that keeps only the large-scale variation of a slice (what a background leaves)."""
+    return max(2.0, min(shape) / 6)
+
+
+def trend_rms(img: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """RMS of the large-scale variation of a slice about its mean, over ``mask`` (default: every pixel).
+
+    The smoothing is normalised by the smoothed mask, so excluded pixels (an empty border)
+    neither pull the trend down nor add an edge to it.
+    """
+    img = np.asarray(img, np.float64)
+    mask = np.ones(img.shape, bool) if mask is None else np.asarray(mask, bool)
+    if not mask.any():
+        return float("nan")
+    sigma = _trend_sigma(img.shape)
+    weight = ndimage.gaussian_filter(mask.astype(np.float64), sigma)
+    trend = ndimage.gaussian_filter(np.where(mask, img, 0.0), sigma) / np.maximum(weight, 1e-12)
+    return float(np.std(trend[mask]))
 
 
 def compare(
@@ -99,7 +130,7 @@ def compare(
             a, b = _center(np.nan_to_num(img), shape), _center(ref, shape)
             diff = a - b
             sq += float(np.sum(diff**2))
-            trend += float(np.sum(ndimage.gaussian_filter(diff, max(2.0, min(shape) / 6)) ** 2))
+            trend += float(np.sum(ndimage.gaussian_filter(diff, _trend_sigma(shape)) ** 2))
             count += diff.size
             means.append((a.mean(), b.mean()))
             stds.append(a.std() / max(b.std(), 1e-9) - 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,21 @@ def random_stack(shape=(12, 24, 20), dtype="uint8", seed=0) -> np.ndarray:
     if np.dtype(dtype).kind == "f":
         return rng.normal(100, 30, shape).astype(dtype)
     return rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+
+
+#: every step, in the order of the demo (intensity_rescaling added), with the input first
+REPORT_STEPS = ("input", "cropping", "intensity_rescaling_area", "intensity_rescaling", "bkg_removal",
+                "registration_calculation", "registration_transformation", "destriping", "resampling",
+                "cropping_final")
+
+
+def demo_project(folder: Path) -> Path:
+    """The demo's synthetic case, 24 x 48 x 48, on one process, with every step; returns its TOML."""
+    from pystack3d_dask.demo import write_demo_project
+
+    toml, _ = write_demo_project(folder, shape=(24, 48, 48), steps=REPORT_STEPS[1:])
+    toml.write_text(re.sub(r"nproc = \d+", "nproc = 1", toml.read_text()))
+    return toml
 
 
 @pytest.fixture(scope="session")

@@ -12,25 +12,13 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import pytest
-from conftest import random_stack, write_params, write_slices
+from conftest import REPORT_STEPS as STEPS
+from conftest import demo_project, random_stack, write_params, write_slices
 
 from pystack3d_dask.engine import Project
 from pystack3d_dask.errors import StoreError
 from pystack3d_dask.report import PAGE, REPORT_DIR, figures, svg, write_report
 from pystack3d_dask.report.views import read_views
-
-STEPS = ("input", "cropping", "intensity_rescaling_area", "intensity_rescaling", "bkg_removal",
-         "registration_calculation", "registration_transformation", "destriping", "resampling", "cropping_final")
-
-
-def demo_project(folder: Path, **kwargs) -> Path:
-    """The demo's synthetic case, small, on one process, with every step."""
-    from pystack3d_dask.demo import write_demo_project
-
-    toml, _ = write_demo_project(folder, shape=(24, 48, 48),
-                                 steps=tuple(s for s in STEPS if s != "input"), **kwargs)
-    toml.write_text(re.sub(r"nproc = \d+", "nproc = 1", toml.read_text()))
-    return toml
 
 
 @pytest.fixture(scope="module")
