@@ -87,6 +87,7 @@ def run_demo(folder: str | os.PathLike = "pystack3d_dask_demo", *, shape=(120, 2
     """Run the demo; print and return, per step, the distance to the ground truth."""
     from pystack3d_dask.engine import Project
     from pystack3d_dask.quality import compare
+    from pystack3d_dask.report import PAGE, REPORT_DIR
 
     folder = Path(folder)
     print(f"writing the synthetic stack {shape[0]} x {shape[1]} x {shape[2]} and its ground truth to {folder}")
@@ -96,7 +97,8 @@ def run_demo(folder: str | os.PathLike = "pystack3d_dask_demo", *, shape=(120, 2
     header = f"{'step':<28}{'rmse':>7}{'trend':>7}{'mean':>7}{'std':>7}{'shift px':>9}{'stripes':>9}{'slices':>7}"
     rows = []
     for name in ("input",) + project.config.process_steps:
-        project.run([] if name == "input" else [name])
+        last = name == project.config.process_steps[-1]  # one report, at the end, not one per step
+        project.run([] if name == "input" else [name], plots=last)
         q = compare(project.result(name), project.zpos(name), spec.truth_slice, dz=DZ, ntruth=shape[0])
         results[name] = q
         rows.append(f"{name:<28}{q.rmse:7.2f}{q.trend_rms:7.2f}{q.mean_err:7.2f}{q.std_err:7.2f}"
@@ -108,6 +110,7 @@ def run_demo(folder: str | os.PathLike = "pystack3d_dask_demo", *, shape=(120, 2
     print(header)
     print("\n".join(rows))
     print(f"\nstore: {project.store_path}")
+    print(f"report: {project.store_path.parent / REPORT_DIR / PAGE}")
     print(f"parameters: {toml}")
     print(f"ground truth: {folder / 'truth'}")
     print(f"export a step for Fiji: pystack3d-dask export {toml.parent} --step {name} --format tiff OUT")

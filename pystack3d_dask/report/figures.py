@@ -130,7 +130,7 @@ def _registration_calculation(state, before, after) -> list[str]:
               line_chart({"tx": cx, "ty": cy}, title="cumulative translation (px)",
                          marks=[(k, cx[k], f"slice {k}: after flagged pair {k - 1}-{k}") for k in flagged])]
     if "confidence" in state:
-        conf = np.asarray(state["confidence"], np.float64)
+        conf = np.asarray(state["confidence"], np.float64).reshape(len(tx), -1).min(axis=1)  # worst block
         charts.append(line_chart({"confidence": conf}, title="pair confidence",
                                  marks=[(k, conf[k], f"pair {k - 1}-{k} (flagged)") for k in flagged]))
     caption = (f"{state.get('transformation', '')} registration of each slice on the previous one; "

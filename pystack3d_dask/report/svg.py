@@ -61,8 +61,8 @@ def line_chart(
     ylabel: str = "",
     marks: Sequence[tuple[float, float, str]] = (),
     dots: bool = False,
-    width: int = 380,
-    height: int = 200,
+    width: int = 340,
+    height: int = 190,
 ) -> str:
     """An SVG line chart of ``series`` (label -> y, or label -> (x, y); x defaults to the index).
 

@@ -1,0 +1,57 @@
+"""The report's cost: a whole run with the report page vs the same run with ``--no-plots``.
+
+Runs ``pystack3d-dask run`` on the demo's synthetic project (fresh store each
+time, a fresh interpreter each run, the two kinds alternated so the machine's
+drift hits both alike), then ``pystack3d-dask report`` on the finished project:
+drawing every figure at once, on the critical path, bounds what the background
+thread does during a run.  Prints ratios (this machine is shared and noisy).
+
+    python benchmarks/bench_report.py [--shape 120,256,256] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from common import run_python
+
+from pystack3d_dask.cli import _shape
+from pystack3d_dask.demo import write_demo_project
+
+CLI = "import sys; from pystack3d_dask.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", type=_shape, default=(120, 256, 256), help="N,H,W of the demo's ground truth")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        toml, _ = write_demo_project(tmp, shape=args.shape)
+        folder = toml.parent
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(args.repeat):
+            for plots in ((False, True) if i % 2 == 0 else (True, False)):
+                shutil.rmtree(folder / "pystack3d_dask.zarr", ignore_errors=True)
+                shutil.rmtree(folder / "pystack3d_dask_report", ignore_errors=True)
+                seconds, _, _ = run_python(CLI, "-q", "run", str(toml), *(() if plots else ("--no-plots",)))
+                times[plots].append(seconds)
+                print(f"run {i + 1} {'with the report' if plots else '--no-plots     '}: {seconds:6.1f} s", flush=True)
+        page = folder / "pystack3d_dask_report" / "index.html"
+        report_seconds, _, _ = run_python(CLI, "-q", "report", str(toml))
+        size = page.stat().st_size
+    best = min(times[True]) / min(times[False])
+    median = statistics.median(times[True]) / statistics.median(times[False])
+    print(f"\nstack {args.shape}: run with the report / run with --no-plots = {best:.3f} (best of {args.repeat}), "
+          f"{median:.3f} (median)")
+    print(f"the whole report drawn at once (pystack3d-dask report, a fresh interpreter): "
+          f"{report_seconds / min(times[False]):.3f} of the run; page {size / 1024:.0f} kB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
