@@ -109,10 +109,14 @@ def test_broken_array_metadata_recomputes_the_step(project, capsys):
     folder, before = project
     (folder / STORE_NAME / "cropping_final" / "_" / "zarr.json").write_text("{ broken")
     for command in (["info", str(folder)], ["export", str(folder), "--step", "cropping_final", str(folder / "o")],
-                    ["plot", str(folder), "--step", "cropping_final", "--out", str(folder / "p")]):
+                    ["report", str(folder), "--out", str(folder / "p")]):
         code, out, err = cli_lines(capsys, *command)
         if command[0] == "info":
             assert code == 0 and '"status": "damaged: cropping_final/_: metadata unreadable' in "\n".join(out)
+        elif command[0] == "report":  # the page says so, with the figures of the sound steps
+            page = (folder / "p" / "index.html").read_text()
+            assert code == 0 and "damaged: cropping_final/_: metadata unreadable" in page
+            assert '<section id="cropping">' in page and '<section id="cropping_final">' not in page
         else:
             assert code == 2 and len(err) == 1 and "damaged" in err[0], err
     report = run(folder)
@@ -128,7 +132,7 @@ def test_foreign_stores_are_named_in_one_line(tmp_path, capsys):
     write_slices(other / "B", random_stack((6, 40, 40)))
     write_params(other, 'channels = ["B"]\n' + PARAMS)
     shutil.copytree(tmp_path / STORE_NAME, other / STORE_NAME)
-    for command in ("info", "plot"):
+    for command in ("info", "report"):
         code, _, err = cli_lines(capsys, command, str(other))
         assert code == 2 and err == [f"error: the store {other / STORE_NAME} holds channels ['A'], not this "
                                      "project's ['B']: it was written for another project."]
@@ -144,7 +148,7 @@ def test_unknown_step_suggests_the_closest(project, capsys):
     folder, _ = project
     code, _, err = cli_lines(capsys, "export", str(folder), "--step", "croping_final", str(folder / "o"))
     assert code == 2 and "step 'croping_final' is not in this project (did you mean 'cropping_final'?)" in err[0]
-    code, _, err = cli_lines(capsys, "plot", str(folder), "--step", "registration_calculaton")
+    code, _, err = cli_lines(capsys, "preview", str(folder), "--step", "registration_calculaton")
     assert code == 2 and "(did you mean 'registration_calculation'?)" in err[0]
 
 
