@@ -54,9 +54,9 @@ def test_registration_and_background_measures(project):
 
 def test_from_the_input_images_before_any_run(tmp_path):
     toml = demo_project(tmp_path)
-    result = preview(Project(toml), "cropping", slices=2, settings=["area=[40, 60, 40, 70],[0, 99999, 0, 99999]"])
+    result = preview(Project(toml), "cropping", slices=2, settings=["area=[10, 40, 10, 40],[0, 99999, 0, 99999]"])
     assert not (toml.parent / "pystack3d_dask.zarr").exists()
-    assert list(result.measures) == ['area=[40, 60, 40, 70]', 'area=[0, 99999, 0, 99999]']
+    assert list(result.measures) == ['area=[10, 40, 10, 40]', 'area=[0, 99999, 0, 99999]']
     assert "the input images in" in result.page.read_text()
 
 

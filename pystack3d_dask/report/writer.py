@@ -243,6 +243,8 @@ def summary(project, record: dict | None) -> str:
     about = [("parameters", str(cfg.toml_path or "(given as a table)")), ("input folder", str(cfg.project_dir)),
              ("store", str(project.store_path)), ("channels", ", ".join(cfg.channels)),
              ("input", f"{first.get('shape')} {first.get('dtype', '')}"), ("nproc", str(cfg.nproc))]
+    about += [(f"metadata: {k}", json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+              for k, v in (info.get("metadata") or {}).items() if v is not None]  # read from the TIFF tags
     if record is not None:
         start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["started"]))
         about.append(("last run", f"{start}, {record['finished'] - record['started']:.1f} s"))
