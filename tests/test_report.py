@@ -62,6 +62,7 @@ def test_each_step_shows_its_own_figures(demo):
     assert got["intensity_rescaling"].count('alt="before"') == 1 and 'alt="after"' in got["intensity_rescaling"]
     assert "pairwise translation (px)" in got["registration_calculation"]
     assert "cumulative translation (px)" in got["registration_calculation"]
+    assert "pair confidence</title>" in got["registration_calculation"]
     assert "applied translation (px)" in got["registration_transformation"]
     assert "stripe power</title>" in got["destriping"] and "most curtained slice" in got["destriping"]
     assert "z positions</title>" in got["resampling"]
