@@ -392,6 +392,13 @@ class ProjectStore:
         return np.array([done[i : i + cz].all() for i in range(0, arr.shape[0], cz)], bool)
 
     # -- integrity -----------------------------------------------------------------------------------
+    def _arrays_of(self, node: str, images: bool) -> list[str]:
+        """The arrays holding ``node``'s result: its images (unless discarded) and its tables."""
+        names = ([node] if images else []) + [stats_node(node)]
+        if (self.path / extra_node(node)).exists():
+            names.append(extra_node(node))
+        return names
+
     def damage(self, node: str, *, images: bool = True) -> dict[int | None, str]:
         """Cheap check that ``node`` and its tables are whole: chunk files listed and sized.
 
@@ -400,16 +407,13 @@ class ProjectStore:
         ``images=False`` checks the tables only (images discarded by ``keep='last'``).
         """
         bad: dict[int | None, str] = {}
-        names = ([node] if images else []) + [stats_node(node)]
-        if (self.path / extra_node(node)).exists():
-            names.append(extra_node(node))
-        for name in names:
+        for name in self._arrays_of(node, images):
             try:
                 arr = zarr.open_array(self.path, path=name, mode="r")
             except Exception as exc:
                 bad[None] = f"{name}: metadata unreadable ({exc})"
                 continue
-            bytes_codecs = arr.metadata.codecs[1:]
+            bytes_codecs = arr.metadata.codecs[1:]  # codecs[0] turns the array into bytes
             size = None  # unknown when compressed
             if all(isinstance(c, Crc32cCodec) for c in bytes_codecs):
                 size = int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4 * len(bytes_codecs)
@@ -433,9 +437,7 @@ class ProjectStore:
         bad = self.damage(node, images=images)
         if None in bad:
             return bad
-        names = ([node] if images else []) + [stats_node(node)]
-        if (self.path / extra_node(node)).exists():
-            names.append(extra_node(node))
+        names = self._arrays_of(node, images)
 
         def read(name: str, i: int) -> tuple[int, str] | None:
             src = StoredArray(str(self.path), name)
