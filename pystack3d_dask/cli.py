@@ -2,7 +2,7 @@
 
 ::
 
-    pystack3d-dask run PATH [--steps S ...] [--force S ...] [--cluster local|ADDRESS] [--output DIR]
+    pystack3d-dask run PATH [--steps S ...] [--force S ...] [--cluster TYPE|ADDRESS] [--output DIR]
     pystack3d-dask demo [DIR] [--shape N,H,W]
     pystack3d-dask info PATH
     pystack3d-dask verify PATH
@@ -20,7 +20,7 @@ import signal
 import sys
 import warnings
 
-from pystack3d_dask.errors import Interrupted, PyStack3DError
+from pystack3d_dask.errors import Interrupted, PyStack3DError, Stopped
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", nargs="+", metavar="STEP", help="run only up to these steps")
     run.add_argument("--force", nargs="+", default=[], metavar="STEP",
                      help='redo these steps (and those after); "input" ingests changed input images again')
-    run.add_argument("--cluster", help='"threads", "local" or a scheduler address (overrides [cluster])')
+    run.add_argument("--cluster", help='threads, local, slurm, pbs, sge, lsf, oar, htcondor or a scheduler '
+                     'address (overrides [cluster]; a batch system takes the [cluster] table of its type)')
     run.add_argument("--output", help="folder for the store (default: the project folder)")
     run.add_argument("--chunk-mib", type=float, default=32.0, help="target chunk size (MiB)")
     run.add_argument("--compression", choices=["none", "lz4", "zstd"], default="none",
@@ -107,18 +108,29 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
+    if args.quiet:
+        _quiet_dask()
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
         return _COMMANDS[args.command](args)
     except PyStack3DError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Interrupted as exc:  # SIGINT or SIGTERM during a run
+    except Stopped as exc:  # SIGINT or SIGTERM during a run, no worker left
         print(exc, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside a run (discovery, export...)
         print(Interrupted(signal.SIGINT), file=sys.stderr)
         return 128 + signal.SIGINT
+
+
+def _quiet_dask() -> None:
+    """Warnings only from distributed and dask-jobqueue, which set their loggers to INFO at import."""
+    import dask
+
+    dask.config.set({"logging.distributed": "warning", "logging.dask_jobqueue": "warning"})
+    for name in ("distributed", "dask_jobqueue"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _run(args) -> int:

@@ -41,8 +41,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from pystack3d_dask.cluster import ClusterConfig, scheduler
-from pystack3d_dask.config import build_params, params_hash, suggest
+from pystack3d_dask.cluster import ClusterConfig, cluster_config, scheduler
+from pystack3d_dask.config import params_hash, suggest
 from pystack3d_dask.errors import ConfigError, DamagedError, DiskFullError, InputError, StoreError
 from pystack3d_dask.io.metadata import metadata_zpos, stack_metadata, summary
 from pystack3d_dask.io.tiff import (
@@ -117,8 +117,9 @@ class Project:
     chunk_slices : int, optional
         Slices per chunk, overriding ``chunk_mib``.
     cluster : ClusterConfig, mapping or str, optional
-        Overrides the ``[cluster]`` table: ``"threads"``, ``"local"``, a scheduler
-        address, a mapping of ``[cluster]`` keys or a :class:`ClusterConfig`.
+        Overrides the ``[cluster]`` table: a cluster type (``"threads"``, ``"local"``,
+        ``"slurm"``...: the table if it is of that type, else the type's defaults), a
+        scheduler address, a mapping of ``[cluster]`` keys or a :class:`ClusterConfig`.
     compression : {"none", "lz4", "zstd"}
         Chunk compression of the arrays written by this run (see :data:`store.COMPRESSION`).
     keep : {"all", "last"}
@@ -159,7 +160,7 @@ class Project:
             raise ConfigError(f"chunk_mib = {chunk_mib!r} is invalid: expected a finite number of MiB > 0.")
         self.chunk_mib = chunk_mib
         self.chunk_slices = chunk_slices
-        self.cluster = _cluster_config(cluster) if cluster is not None else self.config.cluster
+        self.cluster = cluster_config(cluster, self.config.cluster) if cluster is not None else self.config.cluster
         if compression not in COMPRESSION:
             raise ConfigError(f"compression = {compression!r} is invalid: expected one of {list(COMPRESSION)}.")
         self.compression = compression
@@ -216,7 +217,7 @@ class Project:
             try:
                 store = ProjectStore(self.store_path, compression=self.compression)
                 store.recover()
-                with scheduler(self.cluster, nproc=cfg.nproc) as distributed:
+                with scheduler(self.cluster, nproc=cfg.nproc, folder=self.output_dir) as distributed:
                     start = time.perf_counter()
                     self._ingest(store, sources, records, zpos, report, distributed, force=INPUT in force)
                     report.seconds[INPUT] = time.perf_counter() - start
@@ -794,14 +795,6 @@ def _state_order(step, params, cfg: ProjectConfig) -> list[str]:
 
 def _state_key(step, cfg: ProjectConfig, channel: str) -> str:
     return "_shared" if step.shared_state else channel_key(channel)
-
-
-def _cluster_config(value: ClusterConfig | Mapping | str) -> ClusterConfig:
-    if isinstance(value, ClusterConfig):
-        return value
-    if isinstance(value, str):
-        value = {"type": value} if value in ("threads", "local") else {"type": "address", "address": value}
-    return build_params(ClusterConfig, value, section="cluster")
 
 
 def _jsonable(params: Any) -> dict:

@@ -43,12 +43,19 @@ class StepError(PyStack3DError, ValueError):
     """A step cannot run on this data (e.g. a threshold leaves no pixel in a slice)."""
 
 
-class Interrupted(BaseException):
-    """A run was stopped by a signal (Ctrl-C, SIGTERM): every chunk written is kept.
+class Stopped(BaseException):
+    """A run stopped before its end, not by an error in the computation: every chunk written is kept.
 
     A ``BaseException`` like ``KeyboardInterrupt``, so that the ``except
     Exception`` clauses that roll back an error's partial work let it through.
     """
+
+    #: the command's exit status
+    exit_code = 1
+
+
+class Interrupted(Stopped):
+    """A run was stopped by a signal (Ctrl-C, SIGTERM)."""
 
     def __init__(self, signum: int):
         self.signum = int(signum)
@@ -58,3 +65,19 @@ class Interrupted(BaseException):
     def exit_code(self) -> int:
         """The shell's status for a process ended by this signal: 130 for SIGINT, 143 for SIGTERM."""
         return 128 + self.signum
+
+
+class WorkersLost(Stopped):
+    """A distributed run had no worker for too long (every batch job ended, none could start)."""
+
+    #: EX_TEMPFAIL: a temporary failure, run again
+    exit_code = 75
+
+    def __init__(self, what: str, timeout: float, progress: str = ""):
+        self.what, self.timeout = what, timeout
+        super().__init__(f"{what}; {progress + '; ' if progress else ''}run again to resume "
+                         f"(no worker for {timeout:g} s: [cluster] no_worker_timeout)")
+
+    def during(self, progress: str) -> WorkersLost:
+        """The same error, saying how far the step went (e.g. "3 of 8 chunks of destriping written")."""
+        return WorkersLost(self.what, self.timeout, progress)

@@ -19,6 +19,8 @@ import dask
 from dask.callbacks import Callback
 from dask.delayed import Delayed
 
+from pystack3d_dask.errors import WorkersLost
+
 #: chunks in flight per worker thread
 WINDOW_PER_WORKER = 2
 
@@ -74,7 +76,7 @@ def execute(tasks: Sequence[Delayed], *, total: int, desc: str, distributed: boo
     with tqdm(total=total, desc=desc, unit="slice", disable=quiet, file=sys.stderr, leave=True,
               dynamic_ncols=True) as bar:
         if distributed:
-            _execute_distributed(tasks, bar)
+            _execute_distributed(tasks, bar, desc=desc)
             return
         # Our own pool, so that on an error we can wait for the tasks still running: nothing
         # may write into the store after we return (the caller may roll the step back).
@@ -89,21 +91,35 @@ def execute(tasks: Sequence[Delayed], *, total: int, desc: str, distributed: boo
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _execute_distributed(tasks: Sequence[Delayed], bar, *, drain_timeout: float = 60.0) -> None:
+def _execute_distributed(tasks: Sequence[Delayed], bar, *, desc: str, drain_timeout: float = 60.0) -> None:
     from distributed import as_completed, get_client
 
+    from pystack3d_dask.cluster import PLANNED_THREADS
+
     client = get_client()
-    window = WINDOW_PER_WORKER * max(1, sum(client.nthreads().values()))
+    planned = dask.config.get(PLANNED_THREADS, 0)
+
+    def window() -> int:
+        # Sized on the threads the cluster may have, not only those up now: adaptive scaling
+        # starts jobs for the work it sees queued, and jobs come and go.
+        return WINDOW_PER_WORKER * max(1, planned, sum(client.nthreads().values()))
+
     pending = list(tasks)
-    futures = [client.compute(t) for t in pending[:window]]
-    pending = pending[window:]
+    futures = [client.compute(t) for t in pending[: window()]]
+    pending = pending[len(futures):]
+    written = 0
     try:
         completed = as_completed(futures)
         for future in completed:
             bar.update(future.result())
-            if pending:  # keep the window full
+            written += 1
+            size = window()
+            while pending and len(futures) - written < size:  # keep the window full
                 futures.append(client.compute(pending.pop(0)))
                 completed.add(futures[-1])
+    except WorkersLost as exc:
+        client.cancel(futures)
+        raise exc.during(f"{written} of {len(tasks)} chunks of {desc} written") from None
     except Exception:
         client.cancel(futures)
         # The caller rolls the step back, and a cancelled task already running on a worker

@@ -18,11 +18,15 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from pystack3d_dask.errors import Interrupted
+from pystack3d_dask.errors import Interrupted, Stopped
 
 log = logging.getLogger("pystack3d_dask")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+#: why the run stops, when another thread stopped it (see :func:`stop_run`); None while no run
+_stop_reason: list[Stopped | None] | None = None
 
 
 @contextlib.contextmanager
@@ -33,10 +37,11 @@ def interruptible() -> Iterator[None]:
     workers down, are only logged: an exception there would leave worker
     processes or batch jobs behind.
     """
+    global _stop_reason
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
-    stopping = False
+    stopping, reason = False, [None]
 
     def handler(signum: int, frame) -> None:
         nonlocal stopping
@@ -44,13 +49,29 @@ def interruptible() -> Iterator[None]:
             log.warning("stopping: closing the workers, please wait")
             return
         stopping = True
-        raise Interrupted(signum)
+        raise reason[0] or Interrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+    _stop_reason = reason
     try:
         yield
     finally:
+        _stop_reason = None
         _restore(previous)
+
+
+def stop_run(reason: Stopped) -> None:
+    """Stop the run in progress with ``reason``, from any thread (e.g. a watchdog).
+
+    The main thread may be blocked in a wait: a real signal wakes it, where
+    an exception set from another thread would wait for the wait to end.
+    """
+    target = _stop_reason
+    if target is None:
+        log.error("%s", reason)  # no run to stop
+        return
+    target[0] = reason
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ transformation = "AFFINE"
 RUNNER = "import sys{imports}; from pystack3d_dask.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _done_chunks(project: Path, step: str) -> int:
+def done_chunks(project: Path, step: str) -> int:
     """Chunks of ``step`` whose statistics (written last, with the done flag) are on disk.
 
     Counted in the group being written (``<step>~new``) until it is swapped in.
@@ -47,7 +47,7 @@ def _done_chunks(project: Path, step: str) -> int:
     return 0
 
 
-def _interrupt(project: Path, sig: int, *, step: str, cluster: str = "threads", imports: str = "",
+def interrupt_run(project: Path, sig: int, *, step: str, cluster: str = "threads", imports: str = "",
                timeout: float = 240) -> tuple[subprocess.CompletedProcess, int, set[int]]:
     """Run the CLI on ``project``, send ``sig`` once a chunk of ``step`` is written (or its pool is up).
 
@@ -66,17 +66,17 @@ def _interrupt(project: Path, sig: int, *, step: str, cluster: str = "threads", 
             children |= {c.pid for c in parent.children(recursive=True)}
         except psutil.NoSuchProcess:
             break
-        if _done_chunks(project, step) > 0 or (with_pool and len(children) >= 2):
+        if done_chunks(project, step) > 0 or (with_pool and len(children) >= 2):
             break
         time.sleep(0.02)
     assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()}"
-    done = _done_chunks(project, step)
+    done = done_chunks(project, step)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), done, children
 
 
-def _check_stopped(result: subprocess.CompletedProcess, sig: int, children: set[int]) -> None:
+def check_stopped(result: subprocess.CompletedProcess, sig: int, children: set[int]) -> None:
     assert result.returncode == 128 + sig, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "interrupted; run again to resume", result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -99,10 +99,10 @@ def _project(tmp_path: Path, name: str, stack: np.ndarray, params: str) -> Path:
 def test_interrupted_run_keeps_its_chunks_and_resumes(tmp_path, sig, cluster, imports):
     stack = random_stack((10, 64, 64), "uint8")
     project = _project(tmp_path, "run", stack, DESTRIPING)
-    result, done, children = _interrupt(project, sig, step="destriping", cluster=cluster, imports=imports)
-    _check_stopped(result, sig, children)
-    assert done >= 1 and _done_chunks(project, "destriping") >= done, "written chunks were deleted"
-    assert _done_chunks(project, "destriping") < len(stack), "the step ended before the signal: test proved nothing"
+    result, done, children = interrupt_run(project, sig, step="destriping", cluster=cluster, imports=imports)
+    check_stopped(result, sig, children)
+    assert done >= 1 and done_chunks(project, "destriping") >= done, "written chunks were deleted"
+    assert done_chunks(project, "destriping") < len(stack), "the step ended before the signal: test proved nothing"
     resumed = Project(project, quiet=True, chunk_mib=0.001).run()
     assert resumed.computed["destriping"] < len(stack)  # only the missing chunks
     reference = Project(_project(tmp_path, "reference", stack, DESTRIPING), quiet=True, chunk_mib=0.001)
@@ -114,9 +114,9 @@ def test_interrupted_run_keeps_its_chunks_and_resumes(tmp_path, sig, cluster, im
 def test_sigterm_stops_the_registration_pool(tmp_path):
     stack = random_stack((40, 128, 128), "uint8")
     project = _project(tmp_path, "run", stack, REGISTRATION)
-    result, _, children = _interrupt(project, signal.SIGTERM, step="registration_calculation")
+    result, _, children = interrupt_run(project, signal.SIGTERM, step="registration_calculation")
     assert len(children) >= 2, "the process pool never started: the test proved nothing"
-    _check_stopped(result, signal.SIGTERM, children)
+    check_stopped(result, signal.SIGTERM, children)
 
 
 def test_nproc_above_the_cores_is_capped(tmp_path):

@@ -1,0 +1,199 @@
+"""Runs on a real single-node Slurm through dask-jobqueue (``-m slurm``; root only).
+
+The session fixture starts munge, slurmctld and slurmd with ``.ci/start_slurm.sh``
+(it installs the Debian packages when missing).  Faults are the batch system's
+own: ``scancel``, a walltime, a partition that takes no job, signals to the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import random_stack, write_params, write_slices
+from test_interrupt import check_stopped, done_chunks, interrupt_run
+
+from pystack3d_dask.demo import write_demo_project
+from pystack3d_dask.engine import Project
+from pystack3d_dask.errors import WorkersLost
+from pystack3d_dask.store import STORE_NAME
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+pytest.importorskip("dask_jobqueue")
+
+START = Path(__file__).parents[1] / ".ci" / "start_slurm.sh"
+#: one small job per worker; "lo": the scheduler and the workers are on this machine
+CLUSTER = {"type": "slurm", "interface": "lo", "cores": 1, "memory_limit": "1GiB"}
+DESTRIPING = """
+nproc = 2
+process_steps = ["destriping"]
+[destriping]
+maxit = 200
+cvg_threshold = 0
+filters = [{{ name = "Gabor", noise_level = 20, sigma = [0.5, 20], theta = 0 }}]
+[cluster]
+type = "slurm"
+interface = "lo"
+memory_limit = "1GiB"
+{cluster}
+"""
+
+
+@pytest.fixture(scope="session")
+def slurm() -> str:
+    """The partition of a running single-node Slurm (started here if needed)."""
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm tests start a local Slurm, which needs root (.ci/start_slurm.sh)")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("Slurm is not installed and apt-get is not available to install it")
+    run = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        pytest.skip(f"could not start Slurm with {START}: {run.stderr.strip()[-500:]}")
+    return run.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def empty_queue(slurm):
+    """Fails the test if it leaves jobs in the queue; cancels them so that the next test starts clean."""
+    yield
+    left = _jobs()
+    if left:
+        subprocess.run(["scancel", *left], check=False)
+    assert not left, f"jobs left in the queue: {left}"
+
+
+def _jobs(state: str | None = None) -> list[str]:
+    cmd = ["squeue", "-h", "-o", "%i"] + (["-t", state] if state else [])
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+
+
+def _wait_empty_queue(seconds: float) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while _jobs() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _jobs()
+
+
+def _store_contents(project: Path) -> dict:
+    """Every array (results, statistics, states) and every step's attributes of a project's store."""
+    root = zarr.open_group(project / STORE_NAME, mode="r")
+    out = {}
+    for path, node in root.members(max_depth=None):
+        # the root's attributes name the folder, and the hashes digest the input files' paths
+        out[path] = node[:] if isinstance(node, zarr.Array) else {
+            k: v for k, v in node.attrs.items() if k not in ("pystack3d_dask", "hash")}
+    return out
+
+
+def _assert_same_store(project: Path, reference: Path) -> None:
+    got, expected = _store_contents(project), _store_contents(reference)
+    assert sorted(got) == sorted(expected)
+    for path, value in expected.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(got[path], value, err_msg=path)
+        else:
+            assert got[path] == value, path
+
+
+def _destriping_project(folder: Path, nz: int, cluster: str = "") -> Path:
+    write_slices(folder, random_stack((nz, 128, 128), "uint8"))
+    write_params(folder, DESTRIPING.format(cluster=cluster))
+    return folder
+
+
+def _threads_reference(tmp_path: Path, project: Path, **kwargs) -> Path:
+    reference = tmp_path / "reference"
+    shutil.copytree(project, reference, ignore=shutil.ignore_patterns(STORE_NAME, "pystack3d_dask_*", ".*lock"))
+    Project(reference, quiet=True, cluster="threads", **kwargs).run()
+    return reference
+
+
+def test_whole_chain_on_slurm_is_identical_to_threads(tmp_path, empty_queue):
+    slurm, _ = write_demo_project(tmp_path / "slurm", shape=(36, 48, 48))
+    reference, _ = write_demo_project(tmp_path / "reference", shape=(36, 48, 48))
+    Project(slurm, quiet=True, chunk_slices=5, cluster={**CLUSTER, "n_workers": 2}).run()
+    Project(reference, quiet=True, chunk_slices=5, cluster="threads").run()
+    _assert_same_store(slurm.parent, reference.parent)
+    logs = list((slurm.parent / "pystack3d_dask_report" / "worker_logs").glob("*.err"))
+    assert len(logs) >= 2, "the job logs are not in the report folder"
+
+
+def test_a_cancelled_job_is_replaced(tmp_path, empty_queue, capfd):
+    project = _destriping_project(tmp_path / "run", 40, "n_workers = 2")
+    cancelled = []
+
+    def cancel_one_job_mid_step():
+        while not cancelled:
+            running = _jobs("R")
+            if len(running) == 2 and done_chunks(project, "destriping") >= 4:
+                subprocess.run(["scancel", running[0]], check=True)
+                cancelled.append(running[0])
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=cancel_one_job_mid_step, daemon=True)
+    killer.start()
+    Project(project, quiet=True, chunk_slices=1).run()
+    killer.join(timeout=1)
+    assert cancelled, "no job was cancelled: the test proved nothing"
+    logs = {p.stem for p in (project / "pystack3d_dask_report" / "worker_logs").glob("*.err")}
+    assert len(logs) >= 3, f"the cancelled job was not replaced: job logs {sorted(logs)}"
+    assert "Traceback" not in capfd.readouterr().err
+    _assert_same_store(project, _threads_reference(tmp_path, project, chunk_slices=1))
+
+
+def test_jobs_ended_by_their_walltime_are_replaced(tmp_path, empty_queue):
+    # one 1-minute job at a time through ~1.5 minutes of work: the run needs a second job
+    project = _destriping_project(tmp_path / "run", 200, 'n_workers = 1\nwalltime = "00:01:00"')
+    Project(project, quiet=True, chunk_slices=4).run()
+    logs = list((project / "pystack3d_dask_report" / "worker_logs").glob("*.err"))
+    assert len(logs) >= 2, "the run ended within one job's walltime: the test proved nothing"
+    text = "".join(p.read_text() for p in logs)
+    assert "lifetime" in text.lower() or "retir" in text.lower(), "no worker retired before its walltime"
+    _assert_same_store(project, _threads_reference(tmp_path, project, chunk_slices=4))
+
+
+def test_no_worker_for_too_long_stops_with_one_error_and_resumes(tmp_path, empty_queue, slurm):
+    project = _destriping_project(tmp_path / "run", 40, "n_workers = 1\nno_worker_timeout = 10")
+    stopped = []
+
+    def end_every_job_when_busy():
+        while done_chunks(project, "destriping") < 2:
+            time.sleep(0.2)
+        # new jobs wait in the queue for ever: no worker comes back
+        subprocess.run(["scontrol", "update", f"PartitionName={slurm}", "State=DOWN"], check=True)
+        subprocess.run(["scancel", *_jobs()], check=True)
+        stopped.append(done_chunks(project, "destriping"))
+
+    thread = threading.Thread(target=end_every_job_when_busy, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(WorkersLost, match=r"^all worker jobs ended; \d+ of 40 chunks of destriping written; "
+                                              r"run again to resume \(no worker for 10 s"):
+            Project(project, quiet=True, chunk_slices=1).run()
+    finally:
+        subprocess.run(["scontrol", "update", f"PartitionName={slurm}", "State=UP"], check=True)
+        thread.join(timeout=5)
+    assert stopped and done_chunks(project, "destriping") >= stopped[0] > 0, "written chunks were lost"
+    assert not _wait_empty_queue(10), "the pending jobs were not cancelled"
+    report = Project(project, quiet=True, chunk_slices=1).run()
+    assert report.computed["destriping"] < 40  # the rerun resumed
+    _assert_same_store(project, _threads_reference(tmp_path, project, chunk_slices=1))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_signals_to_the_driver_cancel_the_jobs_and_keep_the_chunks(tmp_path, empty_queue, sig):
+    project = _destriping_project(tmp_path / "run", 40, "n_workers = 2")
+    result, done, children = interrupt_run(project, sig, step="destriping", cluster="slurm")
+    check_stopped(result, sig, children)
+    assert not _wait_empty_queue(10), "worker jobs were left in the queue"
+    assert 0 < done <= done_chunks(project, "destriping") < 40, "written chunks were deleted"
+    Project(project, quiet=True, chunk_mib=0.001, cluster="threads").run()
+    _assert_same_store(project, _threads_reference(tmp_path, project, chunk_mib=0.001))
