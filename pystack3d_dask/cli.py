@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
-    if args.quiet:
+    if not args.verbose:
         _quiet_dask()
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_dask() -> None:
-    """Warnings only from distributed and dask-jobqueue, which set their loggers to INFO at import."""
+    """Warnings only from distributed and dask-jobqueue (their INFO lines with -v): they log at INFO."""
     import dask
 
     dask.config.set({"logging.distributed": "warning", "logging.dask_jobqueue": "warning"})
