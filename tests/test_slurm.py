@@ -87,9 +87,10 @@ def _store_contents(project: Path) -> dict:
     root = zarr.open_group(project / STORE_NAME, mode="r")
     out = {}
     for path, node in root.members(max_depth=None):
-        # the root's attributes name the folder, and the hashes digest the input files' paths
+        # the root's attributes name the folder; the input's file records and the hashes that
+        # digest them hold the files' paths and times
         out[path] = node[:] if isinstance(node, zarr.Array) else {
-            k: v for k, v in node.attrs.items() if k not in ("pystack3d_dask", "hash")}
+            k: v for k, v in node.attrs.items() if k not in ("pystack3d_dask", "hash", "files")}
     return out
 
 
