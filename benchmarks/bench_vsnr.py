@@ -7,15 +7,23 @@ Run: ``python benchmarks/bench_vsnr.py [--quick] [--repeat 3] [--maxit 30] [--sl
    calls it) vs ours unpadded and padded to fast FFT sizes, at 1024 x 904 and
    2048 x 2048.  Best of ``--repeat`` interleaved runs; printed: ms per
    iteration, the speed-up and the difference of the results (relative RMS
-   and largest absolute difference, in grey levels).
-2. The destriping step on a ``--slices`` x 1024 x 904 uint8 stack with
+   and largest absolute difference, in grey levels); for the padded run also
+   how far it departs from the unpadded one in the outer 8 pixels and beyond 64.
+2. Solvers, per slice, one core, at 1024 x 904 and 2048 x 2048: ``"admm"``
+   (pyvsnr's iterations) vs ``"fast"`` at the same ``cvg_threshold`` (1e-2
+   and 1e-3): iterations, seconds per slice (best of ``--repeat``
+   interleaved), their ratio, and the distance (RMS, relative to the RMS of
+   the correction) to two references: ``"admm"`` after 1000 iterations
+   without early stop, and ``"fast"`` after 1000 (the lower objective).
+3. The destriping step on a ``--slices`` x 1024 x 904 uint8 stack with
    PyStack3D's default parameters (Gabor 20 / [0.5, 200] / 0, ``maxit`` 100,
    ``cvg_threshold`` 1e-2), threaded scheduler with 2 workers, vs pyvsnr on
    the same slices in 2 processes (one slice per call).
-3. Only when CuPy and a GPU are present: seconds per slice at 2048^2 and
+4. Only when CuPy and a GPU are present: seconds per slice at 2048^2 and
    4224^2 (batched), and the projected time for 2000 slices of 2000^2.
 
-``--quick``: fewer iterations, slices and repeats (a smoke run, ~1 min).
+``--quick``: fewer iterations, slices and repeats, references after 200
+iterations (a smoke run, a few minutes); ``--only solvers step``: some sections.
 This machine is shared: compare the ratios, not the seconds.
 """
 
@@ -36,6 +44,7 @@ from pystack3d_dask.steps.destriping import destriping
 from pystack3d_dask.synthetic import SyntheticCase
 
 FILTERS = [{"name": "Gabor", "noise_level": 20, "sigma": (0.5, 200), "theta": 0}]
+SECTIONS = ["per-slice", "solvers", "step", "gpu"]
 
 
 def curtained_slices(n: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -80,10 +89,11 @@ def per_slice(shape: tuple[int, int], maxit: int, repeat: int) -> None:
     img = curtained_slices(1, shape)[0].astype(np.float32)
     runs = {
         "pyvsnr": lambda: pyvsnr_slice(img, maxit),
-        "ours, unpadded": lambda: vsnr(img, filters=FILTERS, maxit=maxit, pad=False),
+        "ours, unpadded": lambda: vsnr(img, filters=FILTERS, maxit=maxit, solver="admm"),
     }
     if fast_shape(shape) != shape:
-        runs[f"ours, padded to {fast_shape(shape)}"] = lambda: vsnr(img, filters=FILTERS, maxit=maxit, pad=True)
+        runs[f"ours, padded to {fast_shape(shape)}"] = lambda: vsnr(img, filters=FILTERS, maxit=maxit,
+                                                                    solver="admm", pad=True)
     for run in runs.values():  # warm-up: pyfftw plans, our filter cache
         run()
     best, results = {k: np.inf for k in runs}, {}
@@ -98,6 +108,41 @@ def per_slice(shape: tuple[int, int], maxit: int, repeat: int) -> None:
         if name != "pyvsnr":
             line += f"   x{ref / best[name]:.2f} faster   vs pyvsnr: {diff(results[name], results['pyvsnr'])}"
         print(line)
+    if len(runs) == 3:
+        padded, plain = (np.asarray(results[k], np.float64) for k in list(runs)[1:][::-1])
+        d = np.abs(padded - plain)
+        edge = np.ones(d.shape, bool)
+        edge[8:-8, 8:-8] = False
+        print(f"  padded vs unpadded: max |diff| {d[edge].max():.2f} in the outer 8 pixels, "
+              f"{d[64:-64, 64:-64].max():.2f} beyond 64 (largest correction "
+              f"{np.abs(plain - img).max():.1f})")
+
+
+def solvers(shape: tuple[int, int], repeat: int, ref_maxit: int) -> None:
+    img = curtained_slices(1, shape, seed=1)[0].astype(np.float32)
+    refs = {name: vsnr(img, filters=FILTERS, maxit=ref_maxit, solver=name) for name in ("admm", "fast")}
+    scale = np.sqrt(np.mean((img.astype(np.float64) - refs["fast"]) ** 2))
+
+    def dist(out, ref):
+        return np.sqrt(np.mean((out.astype(np.float64) - ref) ** 2)) / scale
+
+    print(f"\n{shape[0]} x {shape[1]}, solvers at the same cvg_threshold, one core, best of {repeat} "
+          f"(distance: RMS / RMS of the correction; the two references differ by "
+          f"{dist(refs['admm'], refs['fast']):.3f}):")
+    for cvg in (1e-2, 1e-3):
+        runs = {name: (lambda name=name: vsnr(img, filters=FILTERS, maxit=ref_maxit, cvg_threshold=cvg,
+                                              solver=name, return_iterations=True))
+                for name in ("admm", "fast")}
+        best, results = {k: np.inf for k in runs}, {}
+        for _ in range(repeat):
+            for name, run in runs.items():
+                t, results[name] = timed(run)
+                best[name] = min(best[name], t)
+        for name in runs:
+            out, its = results[name]
+            print(f"  cvg {cvg:g}  {name:4s}  {its[0]:4d} iterations  {best[name]:6.2f} s   "
+                  f"x{best[name] / best['admm']:.2f} the time   to admm {ref_maxit}: "
+                  f"{dist(out, refs['admm']):.3f}   to fast {ref_maxit}: {dist(out, refs['fast']):.3f}")
 
 
 def step_vs_processes(nslices: int) -> None:
@@ -105,16 +150,18 @@ def step_vs_processes(nslices: int) -> None:
     params = {"filters": FILTERS, "maxit": 100, "cvg_threshold": 1e-2}
     x = as_stack(stack)  # the engine's default chunking (~32 MiB chunks)
     destriping(x[:2], **params)[0].compute()  # warm-up
+    variants = {"ours, solver = admm": {"solver": "admm"}, "ours (default: fast)": {},
+                "ours, fast, pad = true": {"pad": True}}
     with dask.config.set(scheduler="threads", num_workers=2):
-        t_ours, ours = timed(lambda: destriping(x, cast=False, **params)[0].compute())
-        t_pad, padded = timed(lambda: destriping(x, cast=False, pad=True, **params)[0].compute())
+        ours = {name: timed(lambda: destriping(x, cast=False, **kw, **params)[0].compute())
+                for name, kw in variants.items()}
     with ProcessPoolExecutor(2) as pool:
         list(pool.map(_pyvsnr_default, stack[:2]))  # start the processes, plan the FFTs
         t_ref, ref = timed(lambda: np.stack(list(pool.map(_pyvsnr_default, stack))))
     print(f"\ndestriping step, {nslices} x 1024 x 904 uint8, maxit 100, cvg_threshold 1e-2, 2 workers:")
     print(f"  pyvsnr, 2 processes          {t_ref:7.1f} s")
-    print(f"  ours (default: unpadded)     {t_ours:7.1f} s   x{t_ref / t_ours:.2f} faster   {diff(ours, ref)}")
-    print(f"  ours, pad = true             {t_pad:7.1f} s   x{t_ref / t_pad:.2f} faster   {diff(padded, ref)}")
+    for name, (t, out) in ours.items():
+        print(f"  {name:28s} {t:7.1f} s   x{t_ref / t:.2f} faster   vs pyvsnr: {diff(out, ref)}")
 
 
 def gpu(xp, sync, sizes=((2048, 2048), (4224, 4224), (2000, 2000)), batch=16, maxit=100,
@@ -146,13 +193,22 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--maxit", type=int, default=30, help="iterations of the per-slice comparison")
     ap.add_argument("--slices", type=int, default=100, help="slices of the step comparison")
+    ap.add_argument("--ref-maxit", type=int, default=1000, help="iterations of the solvers' references")
+    ap.add_argument("--only", choices=SECTIONS, nargs="+", default=SECTIONS, help="sections to run")
     args = ap.parse_args(argv)
     if args.quick:
-        args.repeat, args.maxit, args.slices = 1, 10, 10
+        args.repeat, args.maxit, args.slices, args.ref_maxit = 1, 10, 10, 200
     os.environ.setdefault("PYFFTW_NUM_THREADS", "1")
-    for shape in ((1024, 904), (2048, 2048)):
-        per_slice(shape, args.maxit, args.repeat)
-    step_vs_processes(args.slices)
+    if "per-slice" in args.only:
+        for shape in ((1024, 904), (2048, 2048)):
+            per_slice(shape, args.maxit, args.repeat)
+    if "solvers" in args.only:
+        for shape in ((1024, 904), (2048, 2048)):
+            solvers(shape, args.repeat, args.ref_maxit)
+    if "step" in args.only:
+        step_vs_processes(args.slices)
+    if "gpu" not in args.only:
+        return
     try:
         import cupy
 

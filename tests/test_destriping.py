@@ -43,6 +43,7 @@ def test_pystack3d_table_loads():
     assert p.filters[0] == {"name": "Gabor", "noise_level": 20.0, "sigma": (0.5, 200.0), "theta": 0.0}
     assert p.filters[1] == {"name": "Dirac", "noise_level": 5.0}
     assert (p.maxit, p.cvg_threshold, p.backend, p.wavelet_decomposition) == (100, 0.01, "numpy", None)
+    assert p.solver == "admm"
 
 
 @pytest.mark.parametrize("filt, match", [
@@ -72,6 +73,9 @@ def test_bad_filter_is_named_by_index():
     ({"filters": [GABOR], "maxit": 0}, r"maxit = 0"),
     ({"filters": [GABOR], "cvg_threshold": -1}, r"cvg_threshold = -1"),
     ({"filters": [GABOR], "backend": "gpu"}, r"backend = 'gpu'.*'numpy', 'cupy', 'pyvsnr'"),
+    ({"filters": [GABOR], "solver": "fats"}, r"solver = 'fats'.*'admm', 'fast'.*did you mean 'fast'"),
+    ({"filters": [GABOR], "backend": "pyvsnr", "solver": "fast"},
+     r"solver = 'fast'.*pyvsnr's own ADMM.*solver = 'admm'"),
     ({"wavelet_decomposition": {**WAVELET, "wavelet": "coif33"}},
      r"wavelet = 'coif33'.*'haar', 'db4'.*did you mean"),
     ({"wavelet_decomposition": {**WAVELET, "levels": 2}}, r"wavelet_decomposition\.levels.*did you mean 'level'"),
@@ -109,8 +113,9 @@ def test_cupy_backend_without_gpu_says_how_to_fix():
 @pytest.mark.parametrize("params", [
     {"filters": [GABOR], "maxit": 30, "cvg_threshold": 1e-3},
     {"filters": [GABOR], "maxit": 30, "cvg_threshold": 1e-3, "pad": True},
+    {"filters": [GABOR], "maxit": 30, "cvg_threshold": 1e-3, "solver": "fast"},
     {"wavelet_decomposition": WAVELET},
-], ids=["vsnr", "vsnr-padded", "wavelet"])
+], ids=["vsnr", "vsnr-padded", "vsnr-fast", "wavelet"])
 def test_chunking_does_not_change_the_result(curtains, params):
     arr = curtains.stack
     ref = destriping(as_stack(arr, chunk_slices=len(arr)), cast=False, **params)[0].compute()
@@ -120,11 +125,12 @@ def test_chunking_does_not_change_the_result(curtains, params):
         np.testing.assert_array_equal(out, ref)  # every slice runs the same code alone
 
 
-def test_local_cluster_matches_threads(curtains, local_cluster):
+@pytest.mark.parametrize("solver", ["admm", "fast"])
+def test_local_cluster_matches_threads(curtains, local_cluster, solver):
     from distributed import Client
 
     x = as_stack(curtains.stack, chunk_slices=5)
-    params = {"filters": [GABOR], "maxit": 20, "cvg_threshold": 1e-3}
+    params = {"filters": [GABOR], "maxit": 20, "cvg_threshold": 1e-3, "solver": solver}
     with dask.config.set(scheduler="threads"):
         ref = destriping(x, **params)[0].compute()
     with Client(local_cluster):

@@ -31,13 +31,33 @@ reference implementation, ``pyvsnr`` 2.3 called with ``norm=False``):
   ``lambda``), or after ``maxit`` iterations.  The rule is applied to each
   slice on its own, whatever the batch.
 
+Solvers (``solver=``; the same problem, hence the same minimiser):
+
+* ``"admm"``: the reference's ADMM, penalty ``beta = 10``; its iterates,
+  stopping point and result (to ~1e-3) are pyvsnr's;
+* ``"fast"``: the same ADMM over-relaxed (Eckstein & Bertsekas 1992) with
+  ``alpha = 1.8``, penalty ``beta = 20``, started from ``y = 0`` (the
+  reference starts from ``y = grad u0``, so that its first iteration returns
+  ``s = 0``).  A relaxed step is ``alpha`` times the plain ADMM step from the
+  same point (``lambda`` is linear in the Douglas-Rachford variable), so the
+  stopping rule divides the change of ``fx`` by ``alpha``: ``cvg_threshold``
+  bounds the plain step in both.  Measured on synthetic curtained slices
+  (1024 x 904 and 2048 x 2048, Gabor ``[0.5, 200]`` or PyStack3D's tilted
+  Gabors + Dirac): at ``cvg_threshold = 1e-3`` it stops after 0.45-0.52x
+  the iterations of ``"admm"``, at 1e-2 after 0.56-1x; always closer to the
+  minimiser (0.65-0.95x the distance).  ``"admm"`` converges slowly: after
+  600-1000 iterations it is still 3-4 % (RMS, relative to the correction)
+  from the minimiser.  The relaxation costs no memory (it is folded into the
+  stored ``z``) and two elementwise passes per iteration.
+
 Speed (what differs from a textbook transcription, not the result):
 
 * the reference does two forward and two inverse FFTs per iteration.  Both
   ``A = grad psi *`` and its adjoint are a convolution by ``psi`` and a finite
   difference; the differences are done in real space, so one ``rfft2`` and one
   ``irfft2`` per iteration remain, and the ADMM's split variable ``y`` and
-  multiplier ``mu`` collapse into one pair of arrays ``q = grad u0 - mu / beta``;
+  multiplier ``mu`` collapse into one pair of arrays ``z = alpha grad u0 - mu /
+  beta + (1 - alpha) y`` (``alpha``: the relaxation, 1 for ``"admm"``);
 * the ``~20`` elementwise operations of an iteration (TV shrinkage, multiplier
   update, differences) run on bands of rows that stay in the CPU cache instead
   of whole-slice passes through memory; on a GPU the band is the whole slice;
@@ -56,6 +76,9 @@ References
 J. Fehrenbach, P. Weiss, C. Lorenzo, "Variational algorithms to remove
 stationary noise: applications to microscopy imaging", IEEE Trans. Image
 Process. 21(10), 4420-4430 (2012).
+J. Eckstein, D. P. Bertsekas, "On the Douglas-Rachford splitting method and
+the proximal point algorithm for maximal monotone operators", Math.
+Program. 55, 293-318 (1992).
 """
 
 from __future__ import annotations
@@ -64,13 +87,25 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import scipy.fft
 
-#: weight of the ADMM penalty (pyvsnr's default; PyStack3D never changes it)
-BETA = 10.0
+
+class Solver(NamedTuple):
+    """How the ADMM runs (module docstring, Solvers); the minimiser does not depend on it."""
+
+    #: penalty of the ADMM
+    beta: float
+    #: over-relaxation (1: none)
+    alpha: float
+    #: start from y = 0 rather than y = grad u0 (the reference's, whose first iteration gives s = 0)
+    y0_zero: bool
+
+
+#: "admm" is pyvsnr's (beta 10, PyStack3D never changes it), "fast" reaches the minimiser sooner
+SOLVERS: dict[str, Solver] = {"admm": Solver(10.0, 1.0, False), "fast": Solver(20.0, 1.8, True)}
 #: keys each filter needs, by filter name
 FILTER_KEYS: dict[str, tuple[str, ...]] = {
     "Gabor": ("noise_level", "sigma", "theta"),
@@ -181,29 +216,30 @@ def _forward_differences(u, out1, out2, xp):
     xp.subtract(u, xp.roll(u, -1, axis=-2), out=out2)
 
 
-def _update_band(lo, hi, s, q1, q2, du1, du2, r, beta, work, xp):
+def _update_band(lo, hi, s, z1, z2, du1, du2, r, beta, alpha, work, xp):
     """One ADMM update of rows ``lo:hi``: TV shrinkage, multiplier update, adjoint differences.
 
-    ``s = psi * lambda`` (the current stripe estimate) is read on rows
-    ``lo:hi + 1``; ``q1, q2`` are updated in place on ``lo:hi``; ``r`` gets
-    ``D^T p`` on ``lo:hi`` except the ``-p2[lo - 1]`` term of row ``lo``,
-    which the caller adds (it belongs to the band before).  Returns ``p2``'s
-    last row of the band (a view into ``work``).
+    ``s = alpha psi * lambda`` (the current stripe estimate, times the
+    relaxation) is read on rows ``lo:hi + 1``; ``z1, z2`` are updated in place
+    on ``lo:hi``; ``du1, du2`` hold ``alpha grad u0``; ``r`` gets ``D^T p``
+    on ``lo:hi`` except the ``-p2[lo - 1]`` term of row ``lo``, which the
+    caller adds (it belongs to the band before).  Returns ``p2``'s last row of
+    the band (a view into ``work``).
     """
     b, ny, nx = s.shape
     m = hi - lo
-    t1, t2, k, tmp = (w[:, :m] for w in work)
+    t1, t2, k, cp, tmp = (w[:, :m] for w in work)
     sb = s[:, lo:hi]
-    # t = q - D s  (= grad u0 - A lambda - multiplier / beta), D = periodic forward differences;
-    # the x difference runs on the flattened band (one aligned 1-D pass), the wrapped
-    # column is fixed after
+    # t = z - D s  (= grad u0 - multiplier / beta - the relaxed A lambda), D = periodic forward
+    # differences; the x difference runs on the flattened band (one aligned 1-D pass), the
+    # wrapped column is fixed after
     t1f, sbf = t1.reshape(b, m * nx), sb.reshape(b, m * nx)
     xp.subtract(sbf[:, :-1], sbf[:, 1:], out=t1f[:, :-1])
     xp.subtract(sb[:, :, -1], sb[:, :, 0], out=t1[:, :, -1])
     xp.subtract(sb[:, :-1], sb[:, 1:], out=t2[:, :-1])
     xp.subtract(sb[:, -1], s[:, hi % ny], out=t2[:, -1])
-    xp.subtract(q1[:, lo:hi], t1, out=t1)
-    xp.subtract(q2[:, lo:hi], t2, out=t2)
+    xp.subtract(z1[:, lo:hi], t1, out=t1)
+    xp.subtract(z2[:, lo:hi], t2, out=t2)
     # k = 1 - shrinkage factor = min(1, 1 / (beta |t|)): the isotropic TV prox keeps (1 - k) t
     xp.multiply(t1, t1, out=k)
     xp.multiply(t2, t2, out=tmp)
@@ -212,13 +248,19 @@ def _update_band(lo, hi, s, q1, q2, du1, du2, r, beta, work, xp):
     k *= beta
     xp.maximum(k, 1.0, out=k)
     xp.reciprocal(k, out=k)
-    # y = du - (1 - k) t ; multiplier/beta m' = m + A lambda - y = -k t
-    # q' = du - m' = du + k t ;  p = y - m' = q' - (1 - k) t  (what the next x-update needs)
-    for t, q, du in ((t1, q1, du1), (t2, q2, du2)):
+    # y = (1 - k) t, scaled multiplier m' = -k t; next z' = alpha du - m' + (1 - alpha) y
+    # = alpha du + (1 - alpha + alpha k) t, and the x-update's p = du - y - m' = du + (2k - 1) t,
+    # kept times alpha (its spectrum then gives alpha psi * lambda, what t needs)
+    xp.multiply(k, 2.0 * alpha, out=cp)
+    cp -= alpha
+    if alpha != 1.0:
+        k *= alpha
+        k += 1.0 - alpha
+    for t, z, du in ((t1, z1, du1), (t2, z2, du2)):
         xp.multiply(k, t, out=tmp)
-        xp.add(du[:, lo:hi], tmp, out=q[:, lo:hi])
-        xp.subtract(tmp, t, out=t)
-        t += q[:, lo:hi]
+        xp.add(du[:, lo:hi], tmp, out=z[:, lo:hi])
+        t *= cp
+        t += du[:, lo:hi]
     p1, p2 = t1, t2
     # r = D^T p: backward differences (the adjoint of the forward ones)
     rb = r[:, lo:hi]
@@ -230,14 +272,17 @@ def _update_band(lo, hi, s, q1, q2, du1, du2, r, beta, work, xp):
     return p2[:, -1]
 
 
-def _solve(u, norms, g2, w, *, maxit, cvg_threshold, beta, band, fft, xp):
+def _solve(u, norms, g2, w, *, maxit, cvg_threshold, solver, band, fft, xp):
     """Run the ADMM on a batch ``u`` of scaled slices ``(b, ny, nx)``; return ``(s, iterations)``.
+
+    ``solver`` is an entry of :data:`SOLVERS`.
 
     ``s`` is the stripe estimate ``psi * lambda`` of each slice (the result is
     ``u - s``).  Slices that meet the stopping rule leave the batch, so each
     slice gets exactly the iterations it would get alone.
     """
     rfft2, irfft2 = fft
+    beta, alpha, y0_zero = solver
     b, ny, nx = u.shape
     f32 = xp.float32
     # per-slice spectra: |F psi|^2 = norm g2 ; the x-update and the convolution by psi fold into
@@ -255,9 +300,19 @@ def _solve(u, norms, g2, w, *, maxit, cvg_threshold, beta, band, fft, xp):
     du1 = xp.empty_like(u)
     du2 = xp.empty_like(u)
     _forward_differences(u, du1, du2, xp)
-    q1, q2 = du1.copy(), du2.copy()
-    r = xp.zeros_like(u)
-    work = [xp.empty((b, band, nx), f32) for _ in range(4)]
+    # the multiplier starts at 0; y at grad u0 as in the reference (z = grad u0, p = 0: the first
+    # iteration returns s = 0), or at 0 (z = alpha grad u0, p = grad u0: the first one counts)
+    if y0_zero:
+        du1 *= alpha
+        du2 *= alpha
+        z1, z2 = du1.copy(), du2.copy()
+        r = z1 - xp.roll(z1, 1, axis=-1) + z2 - xp.roll(z2, 1, axis=-2)  # D^T (alpha grad u0)
+    else:
+        z1, z2 = du1.copy(), du2.copy()
+        du1 *= alpha
+        du2 *= alpha
+        r = xp.zeros_like(u)
+    work = [xp.empty((b, band, nx), f32) for _ in range(5)]
     s_out = xp.empty_like(u)
     iterations = np.zeros(b, int)
     active = np.arange(b)
@@ -269,25 +324,28 @@ def _solve(u, norms, g2, w, *, maxit, cvg_threshold, beta, band, fft, xp):
             if fx_old is not None:
                 diff = xp.abs(fx - fx_old).reshape(len(active), -1).max(axis=1)
                 top = xp.abs(fx).reshape(len(active), -1).max(axis=1)
-                done |= _to_numpy(diff <= cvg_threshold * top)
+                # the relaxed step is alpha times a plain ADMM step from the same point: the
+                # rule measures the plain step, so cvg_threshold means the same for every alpha
+                done |= _to_numpy(diff <= alpha * cvg_threshold * top)
             fx_old = fx
         spec *= kx
         s = irfft2(spec, s=(ny, nx))
         if done.any():
-            s_out[xp.asarray(active[done])] = s[xp.asarray(done)]
+            s_out[xp.asarray(active[done])] = s[xp.asarray(done)] / f32(alpha)
             iterations[active[done]] = it
             keep = ~done
             if not keep.any():
                 break
             idx = xp.asarray(np.flatnonzero(keep))
             active = active[keep]
-            s, q1, q2, du1, du2, r, kx = (a[idx] for a in (s, q1, q2, du1, du2, r, kx))
+            s, z1, z2, du1, du2, r, kx = (a[idx] for a in (s, z1, z2, du1, du2, r, kx))
             if cvg_threshold > 0:
                 jx, fx_old = jx[idx], fx_old[idx]
             work = [a[idx] for a in work]
         carry = None
         for lo in range(0, ny, band):
-            p2_last = _update_band(lo, min(lo + band, ny), s, q1, q2, du1, du2, r, beta, work, xp)
+            p2_last = _update_band(lo, min(lo + band, ny), s, z1, z2, du1, du2, r, beta, alpha,
+                                   work, xp)
             if carry is not None:
                 r[:, lo] -= carry
             carry = p2_last.copy()  # the next band overwrites the work arrays
@@ -311,7 +369,7 @@ def vsnr(
     filters: Sequence[Mapping[str, Any]],
     maxit: int = 100,
     cvg_threshold: float = 0.0,
-    beta: float = BETA,
+    solver: Literal["admm", "fast"] = "admm",
     pad: bool = False,
     pad_mode: str = "wrap",
     batch: int = 1,
@@ -334,8 +392,10 @@ def vsnr(
     cvg_threshold : float
         Stop a slice when ``max|fx - fx_old| / max|fx|`` falls to this value;
         0 runs ``maxit`` iterations.
-    beta : float
-        ADMM penalty (the TV threshold is ``1 / beta`` of the slice maximum).
+    solver : {"admm", "fast"}
+        ``"admm"``: pyvsnr's iterations; ``"fast"``: over-relaxed ADMM with a
+        larger penalty, stops closer to the minimiser, in about half the
+        iterations at ``cvg_threshold=1e-3`` (module docstring).
     pad : bool
         Pad each slice to fast FFT sizes (:func:`fast_shape`; faster, changes
         the result near the edges).
@@ -379,6 +439,8 @@ def vsnr(
     before = ((shape[0] - ny) // 2, (shape[1] - nx) // 2)
     widths = ((0, 0), (before[0], shape[0] - ny - before[0]), (before[1], shape[1] - nx - before[1]))
     crop = (slice(None), slice(before[0], before[0] + ny), slice(before[1], before[1] + nx))
+    if solver not in SOLVERS:
+        raise ValueError(f"solver = {solver!r}: expected one of {', '.join(map(repr, SOLVERS))}")
     g2, w = _spectrum_on(xp, filter_key(filters), shape)
     fft = _fft(xp, workers)
     band = int(band or (BAND_ROWS if xp is np else shape[0]))
@@ -396,8 +458,8 @@ def vsnr(
         if shape != (ny, nx):
             u = xp.pad(u, widths, mode=pad_mode)
             norms *= math.sqrt(shape[0] * shape[1] / (ny * nx))  # same RMS: same strength
-        s, its = _solve(u, norms, g2, w, maxit=maxit, cvg_threshold=cvg_threshold, beta=beta,
-                        band=band, fft=fft, xp=xp)
+        s, its = _solve(u, norms, g2, w, maxit=maxit, cvg_threshold=cvg_threshold,
+                        solver=SOLVERS[solver], band=band, fft=fft, xp=xp)
         res = u[crop] - s[crop]
         res *= scale
         out[i : i + batch] = _to_numpy(res) if on_host else res
