@@ -79,7 +79,8 @@ def test_slices_that_disagree_on_the_pixel_size(tmp_path):
         meta = stack_metadata(records, pixel_size_override=True)
     messages = [str(w.message) for w in record]
     assert any("pixel_size_nm is used" in m for m in messages)
-    assert any("several detectors (InLens, SE2)" in m for m in messages)
+    assert any("several detectors: InLens from " in m and "slice_0_z=0.0000um.tif, SE2 from " in m
+               and m.endswith("slice_3_z=0.0300um.tif.") for m in messages)
     assert meta["detector"] == {".": "InLens, SE2"}
 
 

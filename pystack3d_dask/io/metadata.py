@@ -227,11 +227,14 @@ def stack_metadata(records: Mapping[str, Sequence[tuple[Path, SliceMetadata]]], 
                 break
     detectors = {}
     for ch, recs in records.items():
-        names = {r.detector for _, r in recs} - {None}
-        if len(names) > 1:
-            warnings.warn(f"channel {ch!r} holds slices from several detectors ({', '.join(sorted(names))}).",
-                          stacklevel=3)
-        detectors[ch] = ", ".join(sorted(names)) or None
+        first_file = {}  # the first file of each detector
+        for f, r in recs:
+            if r.detector is not None:
+                first_file.setdefault(r.detector, f)
+        if len(first_file) > 1:
+            where = ", ".join(f"{name} from {f}" for name, f in first_file.items())
+            warnings.warn(f"channel {ch!r} holds slices from several detectors: {where}.", stacklevel=3)
+        detectors[ch] = ", ".join(sorted(first_file)) or None
     first = [r for _, r in records[next(iter(records))]]
     return {"vendor": sorted({r.vendor for _, r in everything} - {None}),
             "pixel_size_nm": None if pixel is None else list(pixel), "detector": detectors,
