@@ -25,21 +25,28 @@ from pystack3d_dask.kernels.downsample import mean_downsample
 
 
 def _reference_mean(x: np.ndarray, factors) -> np.ndarray:
-    """Block mean as the sum of the strided sub-arrays (independent of the kernel's reshape), rounded."""
+    """Block mean in float64 from the strided sub-arrays, integers rounded half up (the kernel's rule)."""
     out_shape = tuple(n // f for n, f in zip(x.shape, factors))
     total = np.zeros(out_shape, np.float64)
     for offset in np.ndindex(*factors):
         total += x[tuple(slice(o, o + n * f, f) for o, n, f in zip(offset, out_shape, factors))]
     mean = total / np.prod(factors)
-    return np.rint(mean).astype(x.dtype) if x.dtype.kind in "ui" else mean.astype(x.dtype)
+    return np.floor(mean + 0.5).astype(x.dtype) if x.dtype.kind in "ui" else mean.astype(x.dtype)
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32"])
 def test_mean_downsample_against_a_loop(dtype):
-    x = random_stack((5, 9, 7), dtype)
+    x = random_stack((5, 9, 7), "uint16" if dtype == "int16" else dtype)
+    x = (x.astype(np.int32) - 32768).astype(dtype) if dtype == "int16" else x
     got = mean_downsample(x, factors=(2, 2, 3))
     assert got.shape == (2, 4, 2) and got.dtype == x.dtype
-    np.testing.assert_allclose(got, _reference_mean(x, (2, 2, 3)), rtol=1e-6)
+    expected = np.empty((2, 4, 2))
+    for idx in np.ndindex(expected.shape):  # the plain loop over boxes
+        expected[idx] = x[2 * idx[0]: 2 * idx[0] + 2, 2 * idx[1]: 2 * idx[1] + 2, 3 * idx[2]: 3 * idx[2] + 3].mean()
+    if x.dtype.kind in "ui":
+        expected = np.floor(expected + 0.5)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    np.testing.assert_allclose(got, _reference_mean(x, (2, 2, 3)), rtol=0 if x.dtype.kind in "ui" else 1e-6)
     with pytest.raises(ValueError, match=r"factors = \(2, 2\) is invalid: expected 3 integers >= 1"):
         mean_downsample(x, factors=(2, 2))
 

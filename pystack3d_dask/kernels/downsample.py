@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 
-from pystack3d_dask.kernels.dtype import clip_cast
+#: integer accumulators, smallest first
+_ACCUMULATORS = {"u": (np.uint16, np.uint32, np.uint64), "i": (np.int16, np.int32, np.int64)}
 
 
 def mean_downsample(block: np.ndarray, *, factors: tuple[int, ...]) -> np.ndarray:
@@ -23,8 +24,8 @@ def mean_downsample(block: np.ndarray, *, factors: tuple[int, ...]) -> np.ndarra
     Returns
     -------
     numpy.ndarray
-        Shape ``block.shape[i] // factors[i]``, dtype of ``block`` (integers are rounded to
-        the nearest value).
+        Shape ``block.shape[i] // factors[i]``, dtype of ``block``; integer means are rounded
+        half up (exactly: the sums are integers), float means keep NaN.
 
     Raises
     ------
@@ -33,18 +34,27 @@ def mean_downsample(block: np.ndarray, *, factors: tuple[int, ...]) -> np.ndarra
 
     Examples
     --------
-    >>> mean_downsample(np.array([[0, 2, 4, 6]], np.uint8), factors=(1, 2))
-    array([[1, 5]], dtype=uint8)
+    >>> mean_downsample(np.array([[0, 2, 4, 7]], np.uint8), factors=(1, 2))
+    array([[1, 6]], dtype=uint8)
     """
     if len(factors) != block.ndim or any(int(f) != f or f < 1 for f in factors):
         raise ValueError(f"factors = {factors!r} is invalid: expected {block.ndim} integers >= 1.")
     out_shape = tuple(n // f for n, f in zip(block.shape, factors))
+    count = math.prod(factors)
+    if block.dtype.kind in "ui":
+        info = np.iinfo(block.dtype)
+        acc = next(t for t in _ACCUMULATORS[block.dtype.kind]
+                   if np.iinfo(t).max >= count * info.max and np.iinfo(t).min <= count * info.min)
+    else:
+        acc = np.float64 if block.dtype.itemsize > 4 else np.float32
     # Sum of the strided sub-arrays, one per offset in the box: a few streaming passes, where a
-    # mean over the axes of a reshaped view is 20x slower.  float32 sums of up to 2**24 / 65535
-    # uint16 values are exact, and so is the division by a power of two.
-    work = np.float32 if block.dtype.itemsize <= 2 or block.dtype == np.float32 else np.float64
-    total = np.zeros(out_shape, work)
+    # mean over the axes of a reshaped view is 20x slower.
+    total = np.zeros(out_shape, acc)
     for offset in np.ndindex(*factors):
         total += block[tuple(slice(o, o + n * f, f) for o, n, f in zip(offset, out_shape, factors))]
-    total *= 1 / math.prod(factors)
-    return clip_cast(total, block.dtype)
+    if block.dtype.kind in "ui":
+        total += count // 2
+        total //= count
+    else:
+        total *= 1 / count
+    return total.astype(block.dtype, copy=False)
