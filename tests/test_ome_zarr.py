@@ -230,6 +230,9 @@ def test_refuses_foreign_or_other_outputs(tmp_path):
         write_ome_zarr(x, tmp_path / "b", scale=(1, 0, 1))
     with pytest.raises(ConfigError, match=r"expected 1 names"):
         write_ome_zarr(x, tmp_path / "b", channel_names=["a", "b"])
+    with pytest.raises(ConfigError, match=r"image of shape \(40, 40\) is invalid: expected a non-empty \(z, y, x\)"):
+        write_ome_zarr(x[0], tmp_path / "b")
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.fixture

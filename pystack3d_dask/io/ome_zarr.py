@@ -210,8 +210,9 @@ def write_ome_zarr(
                          slab=source_z, slab_mib=slab_mib, max_levels=max_levels)
     path = Path(path)
     ident = json.loads(json.dumps({  # as it reads back from the attributes
-        "source": source_id or _source_id(image, arr), "version": version, "shape": arr.shape, "dtype": str(arr.dtype),
-        "levels": [dataclasses.asdict(lv) for lv in levels], "channels": names, "unit": unit}))
+        "source": source_id or _source_id(image, arr), "version": version, "shape": arr.shape,
+        "dtype": str(arr.dtype), "levels": [dataclasses.asdict(lv) for lv in levels], "channels": names,
+        "unit": unit}))
     root = _open_output(path, ident, version)
     if root.attrs[EXPORT_ATTR].get("complete"):
         return path
@@ -240,13 +241,12 @@ def write_ome_zarr(
 
 
 def _as_cz_stack(image: Any) -> da.Array:
-    arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=(1,) * (np.ndim(image) - 2) + (-1, -1))
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or 0 in arr.shape:
-        raise ConfigError(f"image of shape {arr.shape} is invalid: expected a non-empty (z, y, x) "
-                          "or (c, z, y, x) stack.")
-    return arr
+    """``image`` as a lazy ``(c, z, y, x)`` array (a single channel gets a length-1 ``c``)."""
+    shape = np.shape(image)
+    if len(shape) not in (3, 4) or 0 in shape:
+        raise ConfigError(f"image of shape {shape} is invalid: expected a non-empty (z, y, x) or (c, z, y, x) stack.")
+    arr = image if isinstance(image, da.Array) else da.from_array(image, chunks=(1,) * (len(shape) - 2) + (-1, -1))
+    return arr[None] if arr.ndim == 3 else arr
 
 
 def _source_slab(arr: da.Array, slab_mib: float) -> int | None:
