@@ -1,7 +1,7 @@
 """Registration: the cost of one pair, the step's overhead around it, and the accuracy of each method.
 
 Run: ``python benchmarks/bench_registration.py [--shape 33 1024 1024] [--nproc 2] [--repeat 2]
-[--accuracy-shape 300 300 300] [--no-transformation]``
+[--accuracy-shape 300 300 300] [--no-transformation] [--no-accuracy]``
 
 A drifting texture (uint8, ~1.5 px and 0.1 degree per slice) is written to a
 temporary Zarr v3 store with whole-slice chunks (as the engine's), then, in
@@ -135,6 +135,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=2, help="best of this many runs")
     parser.add_argument("--accuracy-shape", type=int, nargs=3, default=(300, 300, 300), metavar=("Z", "Y", "X"))
     parser.add_argument("--no-transformation", action="store_true", help="skip registration_transformation")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the accuracy on the synthetic case")
     args = parser.parse_args(argv)
     shape, nproc = tuple(args.shape), args.nproc
     mib = np.prod(shape) / 2**20
@@ -165,6 +166,8 @@ def main(argv=None) -> None:
                     t = measure(lambda: drain(registration_transformation(x, state, cropping=crop)[0]), 1)[0]
                     name = f"registration_transformation, cropping={crop}"
                     print(f"{name:44s} {t:7.2f} s {mib / t:8.1f} MiB/s  ratio to read {t_read / t:6.3f}")
+    if args.no_accuracy:
+        return
     acc = accuracy(tuple(args.accuracy_shape), nproc)
     print(f"accuracy on the synthetic case {tuple(args.accuracy_shape)}, shifts only (px):")
     for method, res in acc.items():

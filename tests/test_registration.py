@@ -3,6 +3,7 @@
 import dataclasses
 import multiprocessing
 import warnings
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import dask
 import numpy as np
@@ -233,7 +234,10 @@ def test_phase_correlation_pairs_match_a_plain_loop_and_stackreg(shifted):
 
 
 @pytest.mark.parametrize("chunks", [1, 2, NZ])
-def test_processes_give_the_same_state(shifted, chunks):
+@pytest.mark.parametrize("main_first", [True, False], ids=["main-while-starting", "workers-only"])
+def test_processes_give_the_same_state(shifted, chunks, main_first, monkeypatch):
+    if not main_first:  # wait for a worker: every piece goes to the pool
+        monkeypatch.setattr(calc_module, "_any_done", lambda fs: bool(wait(fs, return_when=FIRST_COMPLETED).done))
     before = set(multiprocessing.active_children())  # a session's LocalCluster may hold some
     _, threads = registration_calculation(as_stack(shifted, chunk_slices=chunks), nb_blocks=(2, 1))
     _, procs = registration_calculation(as_stack(shifted, chunk_slices=chunks), nproc=2, nb_blocks=(2, 1))
@@ -243,14 +247,15 @@ def test_processes_give_the_same_state(shifted, chunks):
 
 
 def test_pool_is_shut_down_when_the_step_is_interrupted(shifted, monkeypatch):
-    real = calc_module._read_pieces
+    real, calls = calc_module._Reader.piece, []
 
-    def interrupted(stack, pieces):
-        it = real(stack, pieces)
-        yield next(it)
-        raise KeyboardInterrupt  # what Ctrl-C, or SIGTERM turned into an exception, raises in the main thread
+    def interrupted(self, start, stop):
+        calls.append(start)
+        if len(calls) == 4:  # what Ctrl-C, or SIGTERM turned into an exception, raises in the main thread
+            raise KeyboardInterrupt
+        return real(self, start, stop)
 
-    monkeypatch.setattr(calc_module, "_read_pieces", interrupted)
+    monkeypatch.setattr(calc_module._Reader, "piece", interrupted)
     before = set(multiprocessing.active_children())
     with pytest.raises(KeyboardInterrupt):
         registration_calculation(as_stack(shifted, chunk_slices=2), nproc=2)

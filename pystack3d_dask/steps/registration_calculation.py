@@ -16,8 +16,8 @@ one bad pair shifts every later slice.
 Where the pairs run: pystackreg holds the GIL, so without a ``distributed``
 client and with ``nproc > 1`` they run in a pool of ``nproc`` processes
 that lives as long as the step.  The main process reads each chunk of the
-stack once and sends the workers pieces of slices (guided scheduling:
-pieces shrink towards the end so the workers finish together).  The
+stack once, registers pairs itself while the workers start, then sends them
+pieces of slices that shrink towards the end so they finish together.  The
 ``phase_correlation`` method releases the GIL and runs on the current dask
 scheduler, in threads.
 """
@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import multiprocessing
+import os
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 
 import dask
 import dask.array as da
@@ -107,31 +109,26 @@ def _even_pieces(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _guided_pieces(n: int, workers: int) -> list[tuple[int, int]]:
-    """Consecutive ``(start, stop)`` slices, each ``1 / (2 workers)`` of what is left (at least 1).
+class _Reader:
+    """Reads ``stack[max(start - 1, 0) : stop]`` for consecutive pieces, each z chunk of ``stack`` once."""
 
-    Large pieces first keep the per-piece cost low; the small last ones let
-    the workers finish together.
-    """
-    pieces, start = [], 0
-    while start < n:
-        stop = start + max(1, (n - start) // (2 * workers))
-        pieces.append((start, stop))
-        start = stop
-    return pieces
+    def __init__(self, stack: da.Array):
+        self.stack = stack
+        self.edges = np.cumsum((0,) + stack.chunks[0])
+        self.buf, self.buf_start, self.chunk = np.empty((0,) + stack.shape[1:], stack.dtype), 0, 0
 
-
-def _read_pieces(stack: da.Array, pieces: list[tuple[int, int]]) -> Iterator[np.ndarray]:
-    """Yield ``stack[max(start - 1, 0) : stop]`` for each piece, reading each z chunk of ``stack`` once."""
-    edges = np.cumsum((0,) + stack.chunks[0])
-    buf, buf_start, chunk = np.empty((0,) + stack.shape[1:], stack.dtype), 0, 0
-    for start, stop in pieces:
+    def piece(self, start: int, stop: int) -> np.ndarray:
         lo = max(start - 1, 0)
-        buf, buf_start = buf[lo - buf_start :], lo  # what no later piece needs is dropped
-        while buf_start + len(buf) < stop:
-            buf = np.concatenate([buf, np.asarray(stack[edges[chunk] : edges[chunk + 1]].compute())])
-            chunk += 1
-        yield buf[: stop - buf_start]
+        self.buf, self.buf_start = self.buf[lo - self.buf_start :], lo  # what no later piece needs is dropped
+        while self.buf_start + len(self.buf) < stop:
+            c0, c1 = self.edges[self.chunk], self.edges[self.chunk + 1]
+            self.buf = np.concatenate([self.buf, np.asarray(self.stack[c0:c1].compute())])
+            self.chunk += 1
+        return self.buf[: stop - self.buf_start]
+
+
+def _any_done(futures: list[Future]) -> bool:
+    return any(f.done() for f in futures)
 
 
 @contextlib.contextmanager
@@ -146,15 +143,31 @@ def _process_pool(nproc: int) -> Iterator[ProcessPoolExecutor]:
 
 
 def _in_processes(sub: da.Array, kwargs: dict, nproc: int, first_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Register ``sub``'s pieces in a pool of ``nproc`` processes; the main process reads them."""
-    pieces = _guided_pieces(sub.shape[0], nproc)
+    """Register ``sub``'s pieces in a pool of ``nproc`` processes; the main process reads them.
+
+    Until a worker has started (imports take ~0.5 s), the main process
+    registers pairs itself, one at a time.  Then each piece is ``1 / (2
+    nproc)`` of the slices left (guided scheduling): large pieces first keep
+    the per-piece cost low, the small last ones let the workers finish
+    together.
+    """
+    n, reader, results, futures = sub.shape[0], _Reader(sub), {}, {}
     with _process_pool(nproc) as pool:
-        futures = []
-        for (start, _), block in zip(pieces, _read_pieces(sub, pieces)):
-            futures.append(pool.submit(register_chunk, block, has_previous=start > 0,
-                                       first_index=first_index + max(start - 1, 0), **kwargs))
-            wait(futures[: -2 * nproc])  # memory: at most 2 pieces per worker read ahead
-        return [f.result() for f in futures]
+        started = [pool.submit(os.getpid) for _ in range(nproc)]  # each submit starts a worker
+        start = 0
+        while start < n:
+            in_main = not _any_done(started)
+            stop = start + (1 if in_main else max(1, (n - start) // (2 * nproc)))
+            piece = functools.partial(register_chunk, reader.piece(start, stop), has_previous=start > 0,
+                                      first_index=first_index + max(start - 1, 0), **kwargs)
+            if in_main:
+                results[start] = piece()
+            else:
+                futures[start] = pool.submit(piece)
+                wait(list(futures.values())[: -2 * nproc])  # memory: at most 2 pieces per worker read ahead
+            start = stop
+        results.update((k, f.result()) for k, f in futures.items())
+    return [results[k] for k in sorted(results)]
 
 
 def _in_graph(sub: da.Array, kwargs: dict, workers: int, first_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
