@@ -134,8 +134,10 @@ def _any_done(futures: list[Future]) -> bool:
 @contextlib.contextmanager
 def _process_pool(nproc: int) -> Iterator[ProcessPoolExecutor]:
     """A pool of ``nproc`` fresh processes, shut down on every exit (queued pieces are cancelled)."""
-    # spawn, not fork: the parent runs threads (dask, zarr's event loop) that a fork would copy mid-flight
-    pool = ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"))
+    # spawn, not fork: the parent runs threads (dask, zarr's event loop) that a fork would copy mid-flight.
+    # One BLAS thread per worker: idle OpenBLAS threads spin on the cores the other workers need.
+    pool = ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=threadpool_limits, initargs=(1, "blas"))
     try:
         yield pool
     finally:
