@@ -59,5 +59,5 @@ def data_uri(image: np.ndarray, *, max_side: int = MAX_SIDE, stretch: int = 1) -
         pic = pic.resize((max(1, round(pic.width * scale)), max(1, round(pic.height * scale))),
                          Image.Resampling.BOX)
     buf = io.BytesIO()
-    pic.save(buf, format="WEBP", quality=QUALITY, method=4)
+    pic.save(buf, format="WEBP", quality=QUALITY, method=2)  # 2x faster than the default 4, as small
     return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

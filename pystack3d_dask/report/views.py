@@ -1,8 +1,9 @@
 """What the report shows of a stored stack, read in one pass: cut-planes, stripe power, a few slices.
 
-The pass reads one chunk at a time on the calling thread (the synchronous
-scheduler: it never competes for the run's workers or cluster), so its memory
-is one chunk plus the planes.
+The pass reads one chunk at a time on the calling thread (dask's synchronous
+scheduler, given as the function itself so that no ``distributed`` client is
+looked for: it never competes for the run's workers or cluster), so its
+memory is one chunk plus the planes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 
 import dask.array as da
 import numpy as np
+from dask.local import get_sync
 
 from pystack3d_dask.quality import stripe_power
 
@@ -63,7 +65,7 @@ def read_views(stack: da.Array, *, slices: Iterable[int] = ()) -> Views:
     xz, yz, stripes, kept = [], [], [], {}
     start = 0
     for block in stack.blocks:
-        data = np.asarray(block.compute(scheduler="sync"))
+        data = np.asarray(block.compute(scheduler=get_sync))
         xz.append(data[:, ny // 2].copy())
         yz.append(data[:, :, nx // 2].copy())
         stripes.append(stripe_power(_fill_nonfinite(data) if data.dtype.kind == "f" else data))
@@ -76,5 +78,5 @@ def read_views(stack: da.Array, *, slices: Iterable[int] = ()) -> Views:
                   stripes=stripes, slices=kept)
     worst = views.most_striped
     if worst not in kept:
-        kept[worst] = np.asarray(stack[worst].compute(scheduler="sync"))
+        kept[worst] = np.asarray(stack[worst].compute(scheduler=get_sync))
     return views
