@@ -16,7 +16,11 @@ the same run (this machine is shared: read ratios, not seconds):
   the wall ratio (target <= 1.15) and the CPU ratio (CPU seconds of the main
   process and the workers over the pairs' CPU seconds: the overhead the load
   of other programs cannot hide), interleaved ``--repeat`` times, best kept.
-  ``phase_correlation`` runs in ``nproc`` threads.
+  ``phase_correlation`` runs in ``nproc`` threads.  ``bare pool`` is the
+  floor measured under the same load: a warm pool of ``nproc`` processes
+  registering the pairs of an in-memory stack, split evenly, with nothing
+  else (no start-up, reading, confidence or scheduling); the step's ratio to
+  it is the overhead when the machine is shared.
 * ``accuracy``: the synthetic case (shifts only, ``--accuracy-shape``), both
   methods: per-pair error (px) against the known shifts, and the largest
   residual of the cumulative x/y shift with ``subpixel = false`` (the
@@ -28,10 +32,12 @@ the same run (this machine is shared: read ratios, not seconds):
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import dask
@@ -107,6 +113,20 @@ def pair_costs(ref: np.ndarray, mov: np.ndarray, repeat: int) -> dict[str, tuple
     return out
 
 
+def _pairs(stack: np.ndarray, ks: list[int]) -> list[np.ndarray]:
+    return [register_pair(stack[k - 1], stack[k], transformation="TRANSLATION") for k in ks]
+
+
+def bare_pool(stack: np.ndarray, nproc: int, repeat: int) -> float:
+    """Best wall seconds of a warm pool registering ``stack``'s pairs, split evenly, data in memory."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(nproc, mp_context=ctx, initializer=threadpool_limits, initargs=(1, "blas")) as pool:
+        for f in [pool.submit(_pairs, stack[:2], [1]) for _ in range(nproc)]:  # start and warm every worker
+            f.result()
+        return measure(lambda: [f.result() for f in [pool.submit(_pairs, stack, list(range(1 + i, len(stack), nproc)))
+                                                   for i in range(nproc)]], repeat)[0]
+
+
 def accuracy(shape: tuple[int, int, int], nproc: int) -> dict[str, dict[str, float]]:
     """Per method: per-pair errors and cumulative residuals (px) on the synthetic case, shifts only."""
     from pystack3d_dask.synthetic import make_case
@@ -152,13 +172,16 @@ def main(argv=None) -> None:
               f"x{sr_wall / (pc_wall + cost['confidence'][0]):.1f} with it)")
         with dask.config.set(scheduler="threads", num_workers=nproc), threadpool_limits(limits=1, user_api="blas"):
             t_read = measure(lambda: drain(x), 1)[0]
+            t_bare = bare_pool(np.asarray(x), nproc, args.repeat)
             for method in METHODS:
                 wall, cpu = measure(lambda: registration_calculation(x, nproc=nproc, method=method), args.repeat)
                 pair_wall, pair_cpu = cost[method][0] + cost["confidence"][0], cost[method][1] + cost["confidence"][1]
                 ideal = pairs * pair_wall / nproc
                 print(f"step  {method:17s} {wall:7.2f} s   pairs x pair / nproc {ideal:7.2f} s   "
                       f"wall ratio {wall / ideal:5.2f}   CPU ratio {cpu / (pairs * pair_cpu):5.2f}   "
-                      f"{pairs / wall:6.1f} pairs/s")
+                      f"{pairs / wall:6.1f} pairs/s" + (f"   ratio to bare pool {wall / t_bare:5.2f}"
+                                                          if method == "stackreg" else ""))
+            print(f"bare pool (stackreg, warm, in memory)   {t_bare:7.2f} s")
             if not args.no_transformation:
                 _, state = registration_calculation(x, nproc=nproc, method="phase_correlation")
                 print(f"{'read':44s} {t_read:7.2f} s {mib / t_read:8.1f} MiB/s")
