@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import warnings
 
-from pystack3d_dask.errors import Interrupted, PyStack3DError, Stopped
+from pystack3d_dask.errors import Interrupted, PyStack3DError, Stopped, WorkersLost
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside a run (discovery, export...)
         print(Interrupted(signal.SIGINT), file=sys.stderr)
-        return 128 + signal.SIGINT
+        return Interrupted(signal.SIGINT).exit_code
 
 
 def _quiet_dask() -> None:
@@ -216,8 +217,27 @@ def _export(args) -> int:
     return 0
 
 
+#: exit statuses of a stopped run (Ctrl-C, SIGTERM, no worker left)
+_STOPPED_CODES = {128 + signal.SIGINT, 128 + signal.SIGTERM, WorkersLost.exit_code}
+
 _COMMANDS = {"run": _run, "demo": _demo, "info": _info, "verify": _verify, "report": _report, "preview": _preview,
              "export": _export}
 
+def entry() -> None:
+    """The console script: :func:`main`, then the process ends with its status.
+
+    After an interruption the run has already closed its workers, pools and
+    clusters; the process then ends at once rather than joining the threads
+    that libraries leave behind: a signal that arrives while such a thread is
+    being started can leave it waiting for ever, and the interpreter with it.
+    """
+    code = main()
+    if code in _STOPPED_CODES:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -32,7 +32,7 @@ process_steps = ["registration_calculation"]
 transformation = "AFFINE"
 """
 #: a run in a fresh interpreter; ``dask_jobqueue`` imported first replaces SIGINT's handler
-RUNNER = "import sys{imports}; from pystack3d_dask.cli import main; sys.exit(main(sys.argv[1:]))"
+RUNNER = "import sys{imports}; from pystack3d_dask.cli import entry; entry()"
 
 
 def done_chunks(project: Path, step: str) -> int:
