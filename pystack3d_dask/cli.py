@@ -42,6 +42,14 @@ def _slices(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 and "," not in text else values
 
 
+def _project_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand on an existing project: its path, and where the store is if not beside it."""
+    command = sub.add_parser(name, help=help)
+    command.add_argument("path")
+    command.add_argument("--output", help="folder holding the store, if not the project folder")
+    return command
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pystack3d-dask", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -68,21 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--shape", type=_shape, default=(120, 256, 256), help="N,H,W of the ground truth")
     demo.add_argument("--cluster", help='"threads" (default), "local" or a scheduler address')
 
-    info = sub.add_parser("info", help="steps done, shapes, chunks, dtype, statistics")
-    info.add_argument("path")
-    info.add_argument("--output", help="folder holding the store, if not the project folder")
+    _project_command(sub, "info", "steps done, shapes, chunks, dtype, statistics")
+    _project_command(sub, "verify", "read every stored chunk through its checksum; name what is damaged")
 
-    verify = sub.add_parser("verify", help="read every stored chunk through its checksum; name what is damaged")
-    verify.add_argument("path")
-    verify.add_argument("--output", help="folder holding the store, if not the project folder")
-
-    report = sub.add_parser("report", help="write the report page (figures of every complete step)")
-    report.add_argument("path")
+    report = _project_command(sub, "report", "write the report page (figures of every complete step)")
     report.add_argument("--out", help="folder for the page (default: pystack3d_dask_report beside the store)")
-    report.add_argument("--output", help="folder holding the store, if not the project folder")
 
-    preview = sub.add_parser("preview", help="try parameter values on a few slices (nothing stored)")
-    preview.add_argument("path")
+    preview = _project_command(sub, "preview", "try parameter values on a few slices (nothing stored)")
     preview.add_argument("--step", required=True)
     preview.add_argument("--slices", type=_slices, default=5,
                          help="how many evenly spaced slices (default 5), or which: e.g. 16,50")
@@ -91,16 +91,13 @@ def _parser() -> argparse.ArgumentParser:
                               "(repeat for a grid)")
     preview.add_argument("--channel")
     preview.add_argument("--out", help="folder for the contact sheet (default: the report folder)")
-    preview.add_argument("--output", help="folder holding the store, if not the project folder")
 
-    export = sub.add_parser("export", help="write a step's result as an OME-Zarr image or a TIFF folder")
-    export.add_argument("path")
+    export = _project_command(sub, "export", "write a step's result as an OME-Zarr image or a TIFF folder")
     export.add_argument("--step", required=True)
     export.add_argument("--channel", help="one channel only (default: every channel; tiff: the first)")
     export.add_argument("--format", default="tiff",
                         help="tiff (a folder of slices), ome-zarr (OME-Zarr 0.5, napari / neuroglancer) or "
                              "ome-zarr-0.4 (Zarr v2, Fiji / BigDataViewer)")
-    export.add_argument("--output", help="folder holding the store, if not the project folder")
     export.add_argument("out")
     return parser
 

@@ -23,6 +23,17 @@ def write_slices(folder: Path, stack: np.ndarray, *, zpos=None, prefix: str = "s
     return paths
 
 
+#: a destriping run long enough to interrupt (no early stop), for the interrupt and cluster tests
+DESTRIPING = """
+nproc = 2
+process_steps = ["destriping"]
+[destriping]
+maxit = 200
+cvg_threshold = 0
+filters = [{ name = "Gabor", noise_level = 20, sigma = [0.5, 20], theta = 0 }]
+"""
+
+
 def write_params(folder: Path, text: str) -> Path:
     path = folder / "params.toml"
     path.write_text(text)

@@ -12,19 +12,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import random_stack, write_params, write_slices
+from conftest import DESTRIPING, random_stack, write_params, write_slices
 
 from pystack3d_dask.engine import Project
 from pystack3d_dask.store import STORE_NAME
 
-DESTRIPING = """
-nproc = 2
-process_steps = ["destriping"]
-[destriping]
-maxit = 200
-cvg_threshold = 0
-filters = [{ name = "Gabor", noise_level = 20, sigma = [0.5, 20], theta = 0 }]
-"""
 REGISTRATION = """
 nproc = 2
 process_steps = ["registration_calculation"]

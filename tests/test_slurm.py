@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import random_stack, write_params, write_slices
+from conftest import DESTRIPING, random_stack, write_params, write_slices
 from test_interrupt import check_stopped, done_chunks, interrupt_run
 
 from pystack3d_dask.demo import write_demo_project
@@ -32,18 +32,11 @@ pytest.importorskip("dask_jobqueue")
 START = Path(__file__).parents[1] / ".ci" / "start_slurm.sh"
 #: one small job per worker; "lo": the scheduler and the workers are on this machine
 CLUSTER = {"type": "slurm", "interface": "lo", "cores": 1, "memory_limit": "1GiB"}
-DESTRIPING = """
-nproc = 2
-process_steps = ["destriping"]
-[destriping]
-maxit = 200
-cvg_threshold = 0
-filters = [{{ name = "Gabor", noise_level = 20, sigma = [0.5, 20], theta = 0 }}]
-[cluster]
+#: the destriping run of the interrupt tests, on Slurm jobs (more [cluster] keys may follow)
+DESTRIPING_SLURM = DESTRIPING + """[cluster]
 type = "slurm"
 interface = "lo"
 memory_limit = "1GiB"
-{cluster}
 """
 
 
@@ -106,7 +99,7 @@ def _assert_same_store(project: Path, reference: Path) -> None:
 
 def _destriping_project(folder: Path, nz: int, cluster: str = "") -> Path:
     write_slices(folder, random_stack((nz, 128, 128), "uint8"))
-    write_params(folder, DESTRIPING.format(cluster=cluster))
+    write_params(folder, DESTRIPING_SLURM + cluster + "\n")
     return folder
 
 
