@@ -293,3 +293,13 @@ def test_keep_last_stores_only_the_input_and_the_last_images(tmp_path):
     h = stacks["A"].shape[1] - 1
     np.testing.assert_array_equal(Project(tmp_path).result("cropping_final", "A").compute(),
                                   stacks["A"][:, :h, 2:][:, h - 20 : h - 3, 1:16])
+
+
+def test_clipping_warning_names_the_table_of_the_area(tmp_path):
+    make_project(tmp_path, channels=("A",), extra="")
+    text = (tmp_path / "params.toml").read_text().replace("area = [1, 15, 3, 20]", "area = [1, 40, 3, 20]")
+    (tmp_path / "params.toml").write_text(text)
+    with pytest.warns(UserWarning) as caught:
+        Project(tmp_path, quiet=True).run()
+    said = [str(w.message) for w in caught if "reaches past" in str(w.message)]
+    assert said and all(m.startswith("[cropping_final] area = [1, 40, 3, 20]") for m in said), said

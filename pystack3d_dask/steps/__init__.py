@@ -10,7 +10,7 @@ import importlib
 
 from pystack3d_dask.steps.base import Step
 
-#: step name -> module; ``cropping_final`` is ``cropping`` run at the end.
+#: step name -> module; ``cropping_final`` is ``cropping`` run at the end (its ``FINAL_STEP``).
 _MODULES = {
     "cropping": "cropping",
     "bkg_removal": "bkg_removal",
@@ -41,9 +41,4 @@ def available() -> tuple[str, ...]:
 def get_step(name: str) -> Step:
     """Return the :class:`Step` called ``name`` (``KeyError`` if unknown)."""
     module = importlib.import_module(f"pystack3d_dask.steps.{_MODULES[name]}")
-    step = module.STEP
-    if step.name != name:  # cropping_final shares the cropping module
-        import dataclasses
-
-        step = dataclasses.replace(step, name=name)
-    return step
+    return module.FINAL_STEP if name == "cropping_final" else module.STEP

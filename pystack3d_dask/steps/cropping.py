@@ -8,6 +8,7 @@ stay whole slices and nothing is computed until the result is written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import dask.array as da
 
@@ -21,19 +22,29 @@ class Params:
     area: tuple[int, int, int, int]
 
 
-def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da.Array | None:
-    rows, cols = area_slices(params.area, stack.shape[1:], key="[cropping] area")
+def apply(stack: da.Array, params: Params, state: State, ctx: StepContext, *,
+          section: str = "cropping") -> da.Array | None:
+    rows, cols = area_slices(params.area, stack.shape[1:], key=f"[{section}] area")
     if (rows.stop - rows.start, cols.stop - cols.start) == stack.shape[1:]:
         return None  # the whole image: no copy (PyStack3D's default [0, 99999, 0, 99999])
     return stack[:, rows, cols]
 
 
-def output_shape(params: Params, shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    rows, cols = area_slices(params.area, shape[1:], key="[cropping] area")
+def output_shape(params: Params, shape: tuple[int, int, int], *,
+                 section: str = "cropping") -> tuple[int, int, int]:
+    rows, cols = area_slices(params.area, shape[1:], key=f"[{section}] area")
     return (shape[0], rows.stop - rows.start, cols.stop - cols.start)
 
 
-STEP = Step(name="cropping", Params=Params, apply=apply, output_shape=output_shape)
+def _step(name: str) -> Step:
+    # messages name the table the area came from: [cropping] or [cropping_final]
+    return Step(name=name, Params=Params, apply=functools.partial(apply, section=name),
+                output_shape=functools.partial(output_shape, section=name))
+
+
+STEP = _step("cropping")
+#: the same step run last, on the corrected stack
+FINAL_STEP = _step("cropping_final")
 
 
 def crop(stack, area: tuple[int, int, int, int]) -> da.Array:
