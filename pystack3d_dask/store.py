@@ -240,8 +240,6 @@ class ProjectStore:
         if meta.get("format", 1) > FORMAT_VERSION:
             raise StoreError(f"{self.path} was written by a newer pystack3d-dask (store format "
                              f"{meta['format']}, this version reads up to {FORMAT_VERSION}): upgrade it.")
-        for partial in self.path.rglob("*.partial"):  # left by a write killed mid-file
-            partial.unlink(missing_ok=True)
 
     # -- project-wide attributes ----------------------------------------------------------------
     @property
@@ -317,7 +315,13 @@ class ProjectStore:
         self.delete(step + NEW)
 
     def recover(self) -> None:
-        """Finish a swap that a killed run left half done (under the run lock)."""
+        """Finish a swap that a killed run left half done, remove the files it was writing.
+
+        Under the run lock only: a reader (``info``, ``export``) must not delete a running
+        writer's files in flight.
+        """
+        for partial in self.path.rglob("*.partial"):  # zarr's temporary file of a killed write
+            partial.unlink(missing_ok=True)
         for old in self.path.glob(f"*{OLD}"):
             final = self.path / old.name[: -len(OLD)]
             new = self.path / (final.name + NEW)

@@ -332,3 +332,16 @@ def test_interrupted_export_is_completed_by_a_rerun(project, monkeypatch):
     assert tree_digest(folder / "out") == clean
     with pytest.raises(StoreError, match="not empty and holds no unfinished export of this result"):
         project_.export("cropping", folder / "out")
+
+
+def test_only_a_run_removes_files_a_killed_write_left(project):
+    """A reader must never delete a running writer's temporary files; the next run (under the
+    lock) removes those a killed writer left."""
+    folder, _ = project
+    left = folder / STORE_NAME / "cropping" / "_" / "c" / "0" / "0" / "0.d0e1f2.partial"
+    left.write_bytes(b"half a chunk")
+    Project(folder, quiet=True).info()
+    Project(folder, quiet=True).result("cropping").compute()
+    assert left.exists()
+    run(folder)
+    assert not left.exists()
