@@ -40,7 +40,7 @@ def _run(folder: Path, integrity: bool) -> dict[str, tuple[float, float]]:
     try:
         for phase, steps in (("input", []), ("cropping", None)):
             wall, cpu = time.perf_counter(), time.process_time()
-            Project(folder, quiet=True).run(steps)
+            Project(folder, quiet=True).run(steps, plots=False)
             out[phase] = (time.perf_counter() - wall, time.process_time() - cpu)
     finally:
         store.CHECKSUM = saved

@@ -35,6 +35,10 @@ only missing chunks are found in them, and arrays written later get checksums.
 A step's new result is written beside the old one, in the group
 ``<step>~new``, and swapped in by two directory renames once complete
 (:meth:`ProjectStore.commit`); readers see the old result until then.
+
+A :class:`ProjectStore` keeps the step attributes it has read (a run asks for
+them hundreds of times); each of its methods that writes, renames or deletes a
+group forgets them all.  One instance serves one run, under the run lock.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -237,6 +242,7 @@ class ProjectStore:
         if foreign:
             raise StoreError(f"{self.path} is a Zarr store not written by pystack3d-dask: move it away or "
                              "give another --output folder.")
+        self._attrs: dict[str, dict | None] = {}  # step -> attributes read (see info)
         if meta.get("format", 1) > FORMAT_VERSION:
             raise StoreError(f"{self.path} was written by a newer pystack3d-dask (store format "
                              f"{meta['format']}, this version reads up to {FORMAT_VERSION}): upgrade it.")
@@ -247,6 +253,7 @@ class ProjectStore:
         return dict(self.root.attrs.get("pystack3d_dask", {}))
 
     def set_meta(self, **values: Any) -> None:
+        self._changed()
         self.root.attrs["pystack3d_dask"] = {**self.meta, "format": FORMAT_VERSION, **values}
 
     # -- steps ---------------------------------------------------------------------------------------
@@ -255,32 +262,53 @@ class ProjectStore:
         return sorted(name for name, _ in self.root.groups() if not name.endswith((NEW, OLD)))
 
     def info(self, step: str) -> dict | None:
-        """The step's attributes, or None if the step was never started."""
+        """The step's attributes, or None if the step was never started.
+
+        Read once, then kept until this store changes a group (a copy of the top
+        level is returned: treat the nested values as read-only).
+        """
+        if step not in self._attrs:
+            self._attrs[step] = self._read_attrs(step)
+        found = self._attrs[step]
+        return None if found is None else dict(found)
+
+    def _read_attrs(self, step: str) -> dict | None:
+        # The group's zarr.json read directly: a tenth of the time of zarr's own open
         try:
-            if step not in self.root:
-                return None
-            return dict(self.root[step].attrs)
-        except (OSError, ValueError, TypeError) as exc:
+            meta = json.loads((self.path / step / "zarr.json").read_bytes())
+            attrs = meta.get("attributes", {})
+            if meta.get("node_type") != "group" or not isinstance(attrs, dict):
+                raise ValueError("not the metadata of a group")
+            return attrs
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (OSError, ValueError, AttributeError) as exc:
             raise StoreError(f"the metadata of step {step!r} in {self.path} cannot be read ({exc}): the store "
                              "is damaged; `pystack3d-dask verify` names what, and `run` recomputes it.") from None
 
+    def _changed(self) -> None:
+        """Forget the attributes read: a group was written, renamed or deleted."""
+        self._attrs.clear()
+        _open_cached.cache_clear()
+
     def set_info(self, step: str, **values: Any) -> None:
+        self._changed()
         group = self.root.require_group(step)
         group.attrs.update(values)
 
     def delete(self, step: str) -> None:
         """Remove a step's group (result, statistics, state)."""
+        self._changed()
         shutil.rmtree(self.path / step, ignore_errors=True)
-        _open_cached.cache_clear()
 
     def discard(self, step: str, channel_keys: list[str]) -> None:
         """Delete a step's images, keeping its statistics, state and attributes."""
+        self._changed()
         group = self.root[step]
         for key in channel_keys:
             if key in group:
                 del group[key]
         group.attrs["discarded"] = True
-        _open_cached.cache_clear()
 
     # -- a step written beside the old one, then swapped in -------------------------------------------
     def begin(self, step: str, chain: str, *, fresh: bool = False) -> str:
@@ -303,12 +331,12 @@ class ProjectStore:
         """Make the complete result in ``target`` (see :meth:`begin`) the step's result."""
         if target == step:
             return
+        self._changed()
         final, old = self.path / step, self.path / (step + OLD)
         if final.exists():
             os.replace(final, old)
         os.replace(self.path / target, final)  # the swap: one rename
         shutil.rmtree(old, ignore_errors=True)
-        _open_cached.cache_clear()
 
     def abort(self, step: str) -> None:
         """Remove the result being written for ``step`` (the old one stays)."""
@@ -320,6 +348,7 @@ class ProjectStore:
         Under the run lock only: a reader (``info``, ``export``) must not delete a running
         writer's files in flight.
         """
+        self._changed()
         for partial in self.path.rglob("*.partial"):  # zarr's temporary file of a killed write
             partial.unlink(missing_ok=True)
         for old in self.path.glob(f"*{OLD}"):
@@ -340,6 +369,7 @@ class ProjectStore:
 
         ``extra = (width, dtype)`` also creates the ``(z, width)`` array of a write-pass reduction.
         """
+        self._changed()
         node = f"{step}/{channel_key(channel)}"
         group = self.root.require_group(step)
         key = channel_key(channel)
@@ -362,7 +392,6 @@ class ProjectStore:
             group.require_group("_extra").create_array(
                 key, shape=(shape[0], extra[0]), chunks=(cz, extra[0]), dtype=extra[1], fill_value=0,
                 compressors=self.compressors + CHECKSUM, config=ARRAY_CONFIG)
-        _open_cached.cache_clear()
         return node
 
     # -- reading -------------------------------------------------------------------------------------
@@ -487,6 +516,7 @@ class ProjectStore:
     # -- state ----------------------------------------------------------------------------------
     def save_state(self, step: str, key: str, state: dict) -> None:
         """Persist a step's global state: arrays as Zarr arrays, other values as attributes."""
+        self._changed()
         group = self.root.require_group(step).require_group("_state")
         if key in group:
             del group[key]
