@@ -25,6 +25,7 @@ from common import run_python
 
 from pystack3d_dask.cli import _shape
 from pystack3d_dask.demo import write_demo_project
+from pystack3d_dask.report.writer import REPORT_DIR, SECTIONS_DIR
 
 CLI = "import sys; from pystack3d_dask.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -50,13 +51,14 @@ def main() -> None:
         for i in range(args.repeat):
             for plots in ((False, True) if i % 2 == 0 else (True, False)):
                 shutil.rmtree(folder / "pystack3d_dask.zarr", ignore_errors=True)
-                shutil.rmtree(folder / "pystack3d_dask_report", ignore_errors=True)
+                shutil.rmtree(folder / REPORT_DIR, ignore_errors=True)
                 seconds, cpu_seconds = timed("-q", "run", str(toml), *(() if plots else ("--no-plots",)))
                 times[plots].append(seconds)
                 cpu[plots].append(cpu_seconds)
                 print(f"run {i + 1} {'with the report' if plots else '--no-plots     '}: {seconds:6.1f} s, "
                       f"CPU {cpu_seconds:6.1f} s", flush=True)
-        page = folder / "pystack3d_dask_report" / "index.html"
+        page = folder / REPORT_DIR / "index.html"
+        shutil.rmtree(folder / REPORT_DIR / SECTIONS_DIR)  # else the report reuses the run's sections
         report_seconds, report_cpu = timed("-q", "report", str(toml))
         size = page.stat().st_size
     best = min(times[True]) / min(times[False])

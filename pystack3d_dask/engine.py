@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import dask.array as da
 import numpy as np
 
 from pystack3d_dask.cluster import ClusterConfig, cluster_config, scheduler
@@ -53,6 +52,7 @@ from pystack3d_dask.io.tiff import (
     read_slices,
 )
 from pystack3d_dask.kernels.crop import area_slices
+from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.progress import execute, state_progress
 from pystack3d_dask.project_config import ProjectConfig, load_config
 from pystack3d_dask.signals import interruptible
@@ -71,6 +71,8 @@ from pystack3d_dask.store import (
     write_block,
     write_error,
 )
+
+da = lazy_module("dask.array")
 
 log = logging.getLogger("pystack3d_dask")
 
@@ -342,6 +344,8 @@ class Project:
                 out["steps"][step] = {"status": "not run"}
                 continue
             entry = {"status": "not run" if info is None else "complete" if info.get("complete") else "partial"}
+            if info is not None:
+                entry["hash"] = info.get("hash")  # identifies the result: its input, chunking and parameters
             if pending is not None:  # an interrupted recomputation: its chunks wait beside the result
                 node = store.node(step + NEW, self.config.channels[0])
                 done = store.done_chunks(node) if not pending.get("alias") and (store.path / node).exists() else None

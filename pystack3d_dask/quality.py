@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import dask.array as da
 import numpy as np
-from scipy import ndimage
+
+from pystack3d_dask.lazy import lazy_module
+
+da = lazy_module("dask.array")
+ndimage = lazy_module("scipy.ndimage")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,13 +55,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pystack3d_dask.errors import DamagedError, DiskFullError, StoreError
 from pystack3d_dask.kernels.dtype import clip_cast, slice_stats
+from pystack3d_dask.lazy import lazy_module
+
+da = lazy_module("dask.array")
 
 STORE_NAME = "pystack3d_dask.zarr"
 LOCK_NAME = ".pystack3d_dask.lock"

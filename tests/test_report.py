@@ -6,6 +6,8 @@ import base64
 import json
 import re
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from conftest import demo_project, random_stack, write_params, write_slices
 
 from pystack3d_dask.engine import Project
 from pystack3d_dask.errors import StoreError
-from pystack3d_dask.report import PAGE, REPORT_DIR, figures, svg, write_report
+from pystack3d_dask.report import PAGE, REPORT_DIR, figures, svg, write_report, writer
 from pystack3d_dask.report.views import read_views
 
 
@@ -84,6 +86,33 @@ def test_rerun_says_skipped_and_command_rewrites(demo, capsys):
     assert list(sections((folder / PAGE).read_text())) == list(STEPS)
 
 
+def test_a_run_with_nothing_to_compute_imports_neither_dask_array_nor_scipy(demo):
+    toml, _ = demo
+    code = ("import sys; from pystack3d_dask.engine import Project; report = Project(sys.argv[1], quiet=True).run(); "
+            "print(report.done, [m for m in ('dask.array', 'scipy.fft', 'scipy.ndimage', 'scipy.linalg', "
+            "'scipy.sparse', 'pywt') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, str(toml)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] []"
+
+
+def test_a_rerun_draws_only_what_it_computed(tmp_path, monkeypatch):
+    """Sections of unchanged steps are kept: a run with nothing to compute reads no image."""
+    toml = demo_project(tmp_path)
+    Project(toml, quiet=True).run()
+    page = toml.parent / REPORT_DIR / PAGE
+    first = sections(page.read_text())
+    read = []
+    monkeypatch.setattr(writer, "read_views", lambda stack, **kw: read.append(stack.name) or read_views(stack, **kw))
+    Project(toml, quiet=True).run()
+    assert read == [] and sections(page.read_text()) == first
+    toml.write_text(re.sub(r"(\[cropping_final\]\narea = \[)(\d+)", lambda m: f"{m[1]}{int(m[2]) + 1}",
+                           toml.read_text()))
+    assert Project(toml, quiet=True).run().done == ["cropping_final"]
+    again = sections(page.read_text())
+    assert len(read) == 1 and again["cropping_final"] != first["cropping_final"]
+    assert {s: again[s] for s in STEPS[:-1]} == {s: first[s] for s in STEPS[:-1]}
+
+
 def test_results_do_not_depend_on_the_report(tmp_path, demo):
     toml, _ = demo
     other = demo_project(tmp_path)
@@ -117,6 +146,8 @@ def test_a_failing_figure_never_fails_the_run(tmp_path, monkeypatch, caplog):
     assert "figures failed: RuntimeError: no ink" in got["bkg_removal"]
     assert "figures failed" not in got["cropping"] and "after xy" in got["bkg_removal"]
     assert "figures of bkg_removal failed" in caplog.text
+    kept = toml.parent / REPORT_DIR / writer.SECTIONS_DIR
+    assert (kept / "cropping.html").exists() and not (kept / "bkg_removal.html").exists()  # drawn again next time
 
 
 def test_an_interrupted_run_writes_no_page_and_stops_the_thread(tmp_path, monkeypatch):

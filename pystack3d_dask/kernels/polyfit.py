@@ -32,10 +32,12 @@ from itertools import product
 from typing import Literal
 
 import numpy as np
-from scipy.linalg import solve_triangular
 from threadpoolctl import ThreadpoolController
 
 from pystack3d_dask.errors import ConfigError, StepError
+from pystack3d_dask.lazy import lazy_module
+
+linalg = lazy_module("scipy.linalg")
 
 WeightFunc = Literal["HuberT", "Hampel", "None"]
 
@@ -355,7 +357,7 @@ def _preconditioner(design: Design, n: int, terms: Sequence[Term]) -> np.ndarray
         r = np.linalg.cholesky(gram * np.outer(scale, scale)).T
         pivots = np.abs(np.diag(r))
         if pivots.min() > 1e-6 * pivots.max():
-            return scale[:, None] * solve_triangular(r, np.eye(p))
+            return scale[:, None] * linalg.solve_triangular(r, np.eye(p))
     except np.linalg.LinAlgError:
         pass
     r = np.zeros((0, p))
@@ -368,7 +370,7 @@ def _preconditioner(design: Design, n: int, terms: Sequence[Term]) -> np.ndarray
             f"(rank {rank} < {p}): too few sampled rows, columns or slices for the orders; "
             "lower the orders or the skip_factors"
         )
-    return scale[:, None] * solve_triangular(r, np.eye(p))
+    return scale[:, None] * linalg.solve_triangular(r, np.eye(p))
 
 
 def _weighted_lstsq(

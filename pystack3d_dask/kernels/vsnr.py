@@ -90,7 +90,7 @@ from types import ModuleType
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
-import scipy.fft
+import scipy  # scipy.fft is imported on first use (scipy loads its submodules lazily)
 
 
 class Solver(NamedTuple):

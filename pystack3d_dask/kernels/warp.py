@@ -12,7 +12,10 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from scipy import ndimage as ndi
+
+from pystack3d_dask.lazy import lazy_module
+
+ndi = lazy_module("scipy.ndimage")
 
 Mode = Literal["constant", "edge", "symmetric", "reflect", "wrap"]
 

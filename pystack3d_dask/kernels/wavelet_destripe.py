@@ -22,8 +22,11 @@ removal with combined wavelet-Fourier filtering", Optics Express 17(10),
 from __future__ import annotations
 
 import numpy as np
-import pywt
-import scipy.fft
+import scipy  # scipy.fft is imported on first use (scipy loads its submodules lazily)
+
+from pystack3d_dask.lazy import lazy_module
+
+pywt = lazy_module("pywt")
 
 
 def wavelet_destripe(

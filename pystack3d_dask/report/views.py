@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-import dask.array as da
 import numpy as np
 from dask.local import get_sync
 
+from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.quality import stripe_power
+
+da = lazy_module("dask.array")
 
 
 @dataclasses.dataclass(frozen=True)

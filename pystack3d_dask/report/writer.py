@@ -9,6 +9,11 @@ thread is a daemon: Ctrl-C, SIGTERM or an error end the run without waiting
 for it, and an interrupted run writes no page.  Figures never change a
 result: a figure that fails is reported on the page and in a warning.
 
+Each step's section is kept beside the page (``sections/<step>.html``) with
+what it was drawn from (the step's hash, status and channels): a later run
+that does not recompute the step reuses it instead of reading and drawing
+again, so a run with nothing to compute writes its page at once.
+
 With ``keep="last"`` the engine deletes a step's images once the next step
 is written; ``step_done`` therefore waits until the previous step's planes
 are read (long done by then: reading them is far cheaper than the step).
@@ -28,18 +33,21 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
-
+from pystack3d_dask import __version__
+from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.report import figures, html
 from pystack3d_dask.report.views import Views, read_views
 from pystack3d_dask.store import INPUT
 
+da = lazy_module("dask.array")
 log = logging.getLogger("pystack3d_dask")
 
 REPORT_DIR = "pystack3d_dask_report"
 PAGE = "index.html"
 #: the last run's summary (what was computed, skipped, how long), kept for ``pystack3d-dask report``
 RUN_FILE = "run.json"
+#: each step's section as last drawn, first line its key (see ``ReportWriter._key``)
+SECTIONS_DIR = "sections"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +79,7 @@ class ReportWriter:
         self._views: dict[str, Views] = {}  # by dask name: a step that aliases its input shares its views
         self._names: dict[tuple[str, str], str | None] = {}
         self._sections: dict[str, str] = {}
+        self._broken: set[str] = set()  # steps with a failed figure: their sections are not kept
         self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if background else None
         self._thread: threading.Thread | None = None
         self._read = threading.Event()
@@ -83,7 +92,7 @@ class ReportWriter:
         try:
             taken = self._take(step)
         except Exception as exc:
-            self._sections[step] = _failed(step, exc)
+            self._sections[step] = self._failure(step, exc)
             return
         if self._queue is None:
             self._views_of(step, taken)
@@ -111,11 +120,11 @@ class ReportWriter:
             if self._thread is not None:
                 self._queue.put(None)
                 self._thread.join()
-            summary = self._summary(run)
-            for step in self._complete_steps():
-                if step not in self._sections:
-                    taken = self._take(step)
-                    self._guard(step, lambda: (self._views_of(step, taken), self._draw(step, taken)))
+            info = self.project.info()
+            summary = self._summary(run, info)
+            for step, entry in info["steps"].items():
+                if entry["status"].startswith("complete"):
+                    self._section(step, entry)
             order = [s for s in (INPUT,) + tuple(self.project.config.process_steps) if s in self._sections]
             sections = [(s, s, self._sections[s]) for s in order]
             text = html.page(title=f"pystack3d-dask report: {self.project.config.project_dir.name}",
@@ -144,10 +153,15 @@ class ReportWriter:
         try:
             job()
         except Exception as exc:
-            self._sections[step] = self._sections.get(step, "") + _failed(step, exc)
+            self._sections[step] = self._sections.get(step, "") + self._failure(step, exc)
         finally:
             if done is not None:
                 done.set()
+
+    def _failure(self, step: str, exc: Exception) -> str:
+        """The page's note of a failed figure of ``step`` (a warning too)."""
+        self._broken.add(step)
+        return _failed(step, exc)
 
     # -- what a step's figures need ----------------------------------------------------------------
     def _channels(self) -> list[str]:
@@ -158,9 +172,28 @@ class ReportWriter:
         i = steps.index(step)
         return steps[i - 1] if i > 0 else None
 
-    def _complete_steps(self) -> list[str]:
-        entries = self.project.info()["steps"]
-        return [s for s, e in entries.items() if e["status"].startswith("complete")]
+    def _section(self, step: str, entry: dict) -> None:
+        """Draw ``step``'s section unless this run drew it or an earlier one drew the same result; keep it.
+
+        ``entry`` is the step's line of ``project.info()``.  A section with a failed
+        figure is drawn again next time.
+        """
+        path = self.folder / SECTIONS_DIR / f"{step}.html"
+        # what the section shows: the result (its hash covers every earlier step), its status, the
+        # channels, and this version's figures
+        key = "<!-- " + json.dumps([entry.get("hash"), entry["status"], self._channels(), __version__]) + " -->"
+        if step not in self._sections:
+            try:
+                first, _, section = path.read_text(encoding="utf-8").partition("\n")
+            except OSError:
+                first = section = None
+            if first == key:
+                self._sections[step] = section
+                return
+            taken = self._take(step)
+            self._guard(step, lambda: (self._views_of(step, taken), self._draw(step, taken)))
+        if step not in self._broken:
+            html.write_atomic(path, f"{key}\n{self._sections[step]}")
 
     def _take(self, step: str) -> dict[str, _Taken]:
         """Statistics, state and lazy result of ``step`` per channel (on the run's thread)."""
@@ -204,11 +237,11 @@ class ReportWriter:
                 try:
                     parts += group()
                 except Exception as exc:
-                    parts.append(_failed(step, exc))
+                    parts.append(self._failure(step, exc))
         self._sections[step] = "".join(parts) + self._sections.get(step, "")
 
     # -- summary -----------------------------------------------------------------------------------
-    def _summary(self, run: Any) -> str:
+    def _summary(self, run: Any, info: dict) -> str:
         run_file = self.folder / RUN_FILE
         if run is not None:
             record = {"done": run.done, "computed": run.computed, "seconds": run.seconds, "skipped": run.skipped,
@@ -218,7 +251,7 @@ class ReportWriter:
             record = json.loads(run_file.read_text())
         else:
             record = None
-        return summary(self.project, record)
+        return summary(self.project, record, info)
 
 
 def _failed(step: str, exc: Exception) -> str:
@@ -235,10 +268,10 @@ def _parameters(project, step: str) -> str:
     return f"<details><summary>parameters</summary><pre>{escape(lines)}</pre></details>"
 
 
-def summary(project, record: dict | None) -> str:
-    """The run summary: the project, then one row per step (status, what the last run did, time)."""
+def summary(project, record: dict | None, info: dict) -> str:
+    """The run summary: the project (``info`` is ``project.info()``), then one row per step (status, what
+    the last run did, time)."""
     cfg = project.config
-    info = project.info()
     first = info["steps"].get(INPUT, {})
     about = [("parameters", str(cfg.toml_path or "(given as a table)")), ("input folder", str(cfg.project_dir)),
              ("store", str(project.store_path)), ("channels", ", ".join(cfg.channels)),

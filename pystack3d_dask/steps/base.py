@@ -28,11 +28,13 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import dask.array as da
 import numpy as np
 
 from pystack3d_dask.config import build_params
 from pystack3d_dask.kernels.dtype import clip_cast
+from pystack3d_dask.lazy import lazy_module
+
+da = lazy_module("dask.array")
 
 State = dict[str, Any]
 

@@ -42,7 +42,6 @@ import warnings
 from typing import ClassVar, Literal
 
 import dask
-import dask.array as da
 import numpy as np
 
 from pystack3d_dask.config import check
@@ -61,7 +60,10 @@ from pystack3d_dask.kernels.polyfit import (
     sample_sums,
     xy_coefficients,
 )
+from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.steps.base import State, Step, StepContext, map_slices, run_step
+
+da = lazy_module("dask.array")
 
 SECTION = "bkg_removal"
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import dask.array as da
-
 from pystack3d_dask.kernels.crop import area_slices
+from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.steps.base import State, Step, StepContext, run_step
+
+da = lazy_module("dask.array")
 
 
 @dataclasses.dataclass(frozen=True)

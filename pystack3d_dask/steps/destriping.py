@@ -29,14 +29,16 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import dask.array as da
 import numpy as np
 
 from pystack3d_dask.config import check, fail, suggest
 from pystack3d_dask.errors import StepError
 from pystack3d_dask.kernels.vsnr import FILTER_KEYS, vsnr
 from pystack3d_dask.kernels.wavelet_destripe import wavelet_destripe
+from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.steps.base import State, Step, StepContext, run_step
+
+da = lazy_module("dask.array")
 
 SECTION = "destriping"
 #: defaults of a ``wavelet_decomposition`` table's keys (Münch et al.'s example)

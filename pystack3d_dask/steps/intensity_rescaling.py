@@ -33,13 +33,15 @@ import functools
 from collections.abc import Callable
 
 import dask
-import dask.array as da
 import numpy as np
 
 from pystack3d_dask.config import check
 from pystack3d_dask.errors import StepError
 from pystack3d_dask.kernels import histmatch
+from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.steps.base import State, Step, StepContext, map_slices, per_slice, run_step
+
+da = lazy_module("dask.array")
 
 SECTION = "intensity_rescaling"
 

@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 
 import dask
-import dask.array as da
 import numpy as np
 from threadpoolctl import threadpool_limits
 
@@ -48,7 +47,10 @@ from pystack3d_dask.kernels.registration import (
     register_chunk,
     shift_outliers,
 )
+from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.steps.base import State, Step, StepContext, run_step
+
+da = lazy_module("dask.array")
 
 SECTION = "registration_calculation"
 

@@ -14,7 +14,6 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-import dask.array as da
 import numpy as np
 
 from pystack3d_dask.config import check
@@ -28,7 +27,10 @@ from pystack3d_dask.kernels.registration import (
     zero_subpixel,
 )
 from pystack3d_dask.kernels.warp import Mode, warp_stack
+from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.steps.base import State, Step, StepContext, run_step
+
+da = lazy_module("dask.array")
 
 SECTION = "registration_transformation"
 CALCULATION = "registration_calculation"

@@ -24,7 +24,6 @@ import dataclasses
 import math
 import warnings
 
-import dask.array as da
 import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
@@ -33,7 +32,10 @@ from pystack3d_dask.config import check
 from pystack3d_dask.errors import StepError
 from pystack3d_dask.io.zpos import DEFAULT_POLICY, check_zpos, compile_policy
 from pystack3d_dask.kernels.resample import RTOL, brackets, interpolate, output_dtype, uniform_grid
+from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.steps.base import State, Step, StepContext, run_step
+
+da = lazy_module("dask.array")
 
 SECTION = "resampling"
 
