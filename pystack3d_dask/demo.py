@@ -67,12 +67,13 @@ DEMO_STEPS = ("cropping", "intensity_rescaling_area", "bkg_removal", "registrati
 
 
 def write_demo_project(folder: str | os.PathLike, *, shape=(120, 256, 256), seed: int = 0,
-                       steps=DEMO_STEPS) -> tuple[Path, SyntheticCase]:
-    """Write the synthetic case and its ``params.toml``; return the TOML path and the case."""
+                       steps=DEMO_STEPS, truth: bool = True) -> tuple[Path, SyntheticCase]:
+    """Write the synthetic case (without its ground truth if not ``truth``) and its ``params.toml``;
+    return the TOML path and the case."""
     from pystack3d_dask.steps import available
 
     spec = SyntheticCase(tuple(shape), seed=seed)
-    stack_dir, _ = write_case(spec, folder)
+    stack_dir, _ = write_case(spec, folder, truth=truth)
     steps = [s for s in steps if s in available()]
     b = spec.border
     text = PARAMS.format(nproc=os.cpu_count() or 1, steps=steps, b=b, xb=b + shape[2], yb=b + shape[1],

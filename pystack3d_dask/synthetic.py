@@ -59,16 +59,16 @@ class SyntheticCase:
             raise ValueError(f"shape must be (n, h, w) with every size >= 8, got {self.shape}")
 
     # -- known defects ---------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def shifts(self) -> np.ndarray:
         """x shift in px of each truth slice (positive: content moves right)."""
         n, _, w = self.shape
         out = np.zeros(n)
         if "shifts" in self.defects:
             out[_scaled(n, 20) : _scaled(n, 70) + 1] = max(2, _scaled(w, 10))
-        return out
+        return _frozen(out)
 
-    @property
+    @functools.cached_property
     def contrast(self) -> np.ndarray:
         """Multiplicative contrast factor of each truth slice."""
         n = self.shape[0]
@@ -76,7 +76,7 @@ class SyntheticCase:
         if "contrast" in self.defects:
             lo, hi = _scaled(n, 75), _scaled(n, 100)
             out[lo:hi] = np.random.default_rng(self.seed + 1).uniform(0.4, 0.7, hi - lo)
-        return out
+        return _frozen(out)
 
     @property
     def curtain_slices(self) -> tuple[int, ...]:
@@ -89,7 +89,7 @@ class SyntheticCase:
         """Width in px of the empty border around every slice."""
         return max(2, _scaled(self.shape[2], 40)) if "border" in self.defects else 0
 
-    @property
+    @functools.cached_property
     def kept(self) -> np.ndarray:
         """Indices of the truth slices present in the defective stack."""
         n = self.shape[0]
@@ -97,12 +97,12 @@ class SyntheticCase:
         if "dz" in self.defects:
             start = _scaled(n, 100)
             idx = np.concatenate([idx[:start], idx[start::2]])
-        return idx
+        return _frozen(idx)
 
-    @property
+    @functools.cached_property
     def zpos(self) -> np.ndarray:
         """z position (micrometres) of each slice of the defective stack."""
-        return self.kept * DZ
+        return _frozen(self.kept * DZ)
 
     # -- slices ----------------------------------------------------------------------------------
     @functools.cached_property
@@ -120,14 +120,22 @@ class SyntheticCase:
         extent = [(-m, n + m), (-m, h + m), (-m, w + m)]
         volume = np.prod([hi - lo for lo, hi in extent])
         count = int(3 * volume / (4 / 3 * np.pi * r_mean**3) / 4) + 1
-        return np.column_stack(
+        blobs = np.column_stack(
             [rng.uniform(lo, hi, count) for lo, hi in extent] + [rng.uniform(0.6, 1.4, count) * r_mean]
         )
+        return blobs[np.argsort(blobs[:, 0], kind="stable")]  # by z: a slice looks up its own (see truth_slice)
+
+    @functools.cached_property
+    def _reach(self) -> float:
+        """The largest blob radius."""
+        return float(self._blobs[:, 3].max())
 
     def truth_slice(self, k: int) -> np.ndarray:
         """Ground-truth slice ``k`` (uint8): smoothed binary blobs, values in [0, 127]."""
         _, h, w = self.shape
         b = self._blobs
+        # only the blobs whose centre is within the largest radius of z = k: linear in the slices
+        b = b[np.searchsorted(b[:, 0], k - self._reach) : np.searchsorted(b[:, 0], k + self._reach)]
         near = np.abs(b[:, 0] - k) < b[:, 3]
         binary = np.zeros((h, w), bool)
         yy, xx = np.ogrid[:h, :w]
@@ -173,6 +181,12 @@ class SyntheticCase:
             yield self.file_name(j), self.defect_slice(j)
 
 
+def _frozen(values: np.ndarray) -> np.ndarray:
+    """``values`` made read-only: a cached table a caller must not change."""
+    values.setflags(write=False)
+    return values
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """A materialised (small) case: arrays in memory, for tests."""
@@ -206,19 +220,21 @@ def make_case(
                 spec.border, spec)
 
 
-def write_case(spec: SyntheticCase, folder: str | Path) -> tuple[Path, Path]:
+def write_case(spec: SyntheticCase, folder: str | Path, *, truth: bool = True) -> tuple[Path, Path]:
     """Stream the defective stack and the ground truth to TIFF folders, one slice at a time.
 
-    Returns the folders ``(folder / "stack", folder / "truth")``.
+    Returns the folders ``(folder / "stack", folder / "truth")``; with ``truth=False`` the
+    truth folder is not written (benchmarks need only the stack).
     """
     import tifffile
 
     folder = Path(folder)
     stack_dir, truth_dir = folder / "stack", folder / "truth"
     stack_dir.mkdir(parents=True, exist_ok=True)
-    truth_dir.mkdir(parents=True, exist_ok=True)
+    if truth:
+        truth_dir.mkdir(parents=True, exist_ok=True)
     for name, img in spec.iter_slices():
         tifffile.imwrite(stack_dir / name, img)
-    for k in range(spec.shape[0]):
+    for k in range(spec.shape[0] if truth else 0):
         tifffile.imwrite(truth_dir / f"truth_{k:05d}_z={k * DZ:.4f}um.tif", spec.truth_slice(k))
     return stack_dir, truth_dir
