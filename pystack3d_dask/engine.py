@@ -574,7 +574,7 @@ class Project:
                     if done[i]:
                         continue
                     stop = min(start + cz, shape[0])
-                    tasks.append(dask.delayed(_ingest_chunk)(src, start, stop, str(store.path), node,
+                    tasks.append(dask.delayed(_ingest_chunk)(src.part(start, stop), start, str(store.path), node,
                                                              dask_key_name=f"write-input-{src.channel}-{i}"))
                     total += stop - start
             execute(tasks, total=total, desc="ingest", distributed=distributed, quiet=self.quiet)
@@ -781,9 +781,11 @@ def _discarded(store: ProjectStore, step: str) -> bool:
     return bool((store.info(info.get("alias") or step) or {}).get("discarded"))
 
 
-def _ingest_chunk(source: ChannelSource, start: int, stop: int, store_path: str, node: str) -> int:
-    # Read and write in one task: the chunk never waits in memory between two tasks.
-    return write_block(read_slices(source, start, stop), store_path, node, start)
+def _ingest_chunk(part: ChannelSource, start: int, store_path: str, node: str) -> int:
+    # Read and write in one task: the chunk never waits in memory between two tasks.  ``part``
+    # holds this chunk's slices only (``ChannelSource.part``): a task carrying every file name
+    # cost dask ~8 ms per 1 000 files to build, quadratic in the slices.
+    return write_block(read_slices(part, 0, part.nslices), store_path, node, start)
 
 
 def _state_order(step, params, cfg: ProjectConfig) -> list[str]:

@@ -53,6 +53,12 @@ class ChannelSource:
             return [f.name for f in self.files]
         return [f"{self.files[0].name}[{p}]" for p in self.pages]
 
+    def part(self, start: int, stop: int) -> ChannelSource:
+        """Slices ``start:stop`` only: what one ingest task carries (never every file of the stack)."""
+        if self.pages is None:
+            return dataclasses.replace(self, files=self.files[start:stop])
+        return dataclasses.replace(self, pages=self.pages[start:stop])
+
     def fingerprint(self) -> list:
         """What identifies the input: names, sizes, modification and change times.
 
