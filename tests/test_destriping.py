@@ -125,6 +125,31 @@ def test_chunking_does_not_change_the_result(curtains, params):
         np.testing.assert_array_equal(out, ref)  # every slice runs the same code alone
 
 
+def test_small_slices_are_grouped_in_tasks_big_ones_alone(monkeypatch):
+    from pystack3d_dask.steps import destriping as module
+
+    monkeypatch.setattr(module, "TASK_PIXELS", 100)
+    monkeypatch.setattr(module, "MIN_TASKS", 4)
+    assert module.task_chunks((25, 12), 10) == (9, 8, 8, 6, 6)  # <= 10 slices, never across chunks
+    assert module.task_chunks((5, 5), 10) == (3, 2, 3, 2)  # <= 10 / MIN_TASKS slices, rounded up
+    assert module.task_chunks((3, 2), 1000) == (1, 1, 1, 1, 1)  # a slice above TASK_PIXELS: alone
+
+
+@pytest.mark.parametrize("task_pixels", [1, 3 * 128 * 118, 2**40])
+def test_task_grouping_does_not_change_the_result(curtains, monkeypatch, task_pixels):
+    from pystack3d_dask.steps import destriping as module
+
+    params = {"filters": [GABOR], "maxit": 30, "cvg_threshold": 1e-3}
+    x = as_stack(curtains.stack, chunk_slices=7)
+    ref = destriping(x, cast=False, **params)[0].compute()  # defaults: a task per slice here
+    monkeypatch.setattr(module, "MIN_TASKS", 1)
+    monkeypatch.setattr(module, "TASK_PIXELS", task_pixels)
+    out = destriping(x, cast=False, **params)[0]
+    tasks = sum(dask.utils.key_split(k) == "destripe_block" for k in dict(out.dask))
+    assert tasks == {1: 12, 3 * 128 * 118: 3 + 2, 2**40: 2}[task_pixels]  # chunks of 7 and 5 slices
+    np.testing.assert_array_equal(out.compute(), ref)
+
+
 @pytest.mark.parametrize("solver", ["admm", "fast"])
 def test_local_cluster_matches_threads(curtains, local_cluster, solver):
     from distributed import Client

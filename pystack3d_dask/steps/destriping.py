@@ -45,6 +45,11 @@ SECTION = "destriping"
 WAVELET_DEFAULTS: dict[str, Any] = {"wavelet": "coif3", "level": 4, "sigma": 4.0}
 #: float32 slice-sized arrays one VSNR slice needs on the GPU (work arrays, spectra, FFT workspace)
 _GPU_ARRAYS_PER_SLICE = 25
+#: pixels of a CPU task: small slices are grouped up to about one 1024² slice (a second or so of
+#: VSNR), so that a stack of 10 000 small slices is not 30 000 tasks of a few ms each...
+TASK_PIXELS = 2**20
+#: ... yet cut in at least this many tasks, for the workers to finish together
+MIN_TASKS = 64
 
 
 def _is_number(v: Any) -> bool:
@@ -238,12 +243,28 @@ def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da
               "cvg_threshold": params.cvg_threshold}
         if params.backend != "pyvsnr":
             kw.update(pad=params.pad, solver=params.solver)
-    # a slice costs seconds: one task per slice balances the workers whatever the chunking
-    # (3 chunks of 36 slices on 2 workers would leave one idle for a third of the time); the
-    # GPU keeps whole chunks, its batches
-    x = stack if kw["method"] == "cupy" else stack.rechunk((1, -1, -1))
+    # a big slice costs seconds: one task per slice balances the workers whatever the chunking
+    # (3 chunks of 36 slices on 2 workers would leave one idle for a third of the time); small
+    # slices go by groups (task_chunks); the GPU keeps whole chunks, its batches
+    x = stack if kw["method"] == "cupy" else stack.rechunk(
+        (task_chunks(stack.chunks[0], stack.shape[1] * stack.shape[2]), -1, -1))
     out = x.map_blocks(_destripe_block, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32), **kw)
     return out.rechunk(stack.chunks)
+
+
+def task_chunks(chunks: tuple[int, ...], slice_pixels: int) -> tuple[int, ...]:
+    """z chunks of the CPU tasks: each chunk of ``chunks`` cut into near-equal groups of slices.
+
+    A group holds at most :data:`TASK_PIXELS` pixels (one slice when a slice is larger), and
+    at most ``1 / MIN_TASKS`` of the stack.  Groups never straddle two chunks, so that the
+    cut costs no copy.  Every slice is solved on its own: the groups change no result.
+    """
+    size = max(1, min(TASK_PIXELS // max(slice_pixels, 1), -(-sum(chunks) // MIN_TASKS)))
+    out = []
+    for c in chunks:
+        k = -(-c // size)
+        out += [c // k + (i < c % k) for i in range(k)]
+    return tuple(out)
 
 
 STEP = Step(name="destriping", Params=Params, apply=apply)
