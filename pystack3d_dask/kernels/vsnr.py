@@ -111,10 +111,12 @@ FILTER_KEYS: dict[str, tuple[str, ...]] = {
     "Gabor": ("noise_level", "sigma", "theta"),
     "Dirac": ("noise_level",),
 }
-#: rows per band of the elementwise passes on the CPU: the ~10 arrays an update
-#: touches take 1.3 MiB per band at 2048 columns, inside a 2 MiB L2 cache
-#: (measured: 8 to 64 rows perform alike, whole-slice passes 2-4x slower)
-BAND_ROWS = 16
+#: elements (float32) per band of the elementwise passes on the CPU, whatever the slice's width: a
+#: numpy call on fewer spends more time in Python (holding the GIL, so that two threads take turns
+#: instead of sharing the work) than in its loop; on more, the band's ~5 work arrays (256 KiB each)
+#: leave the L2/L3 cache.  Measured (2 cores): 16 rows of 340 pixels ran 2 threads at the speed of
+#: one, 64k elements x1.7-1.9 from 300 x 340 to 2048 x 2048; one thread alike from 16k to 256k
+BAND_ELEMENTS = 65536
 
 FilterKey = tuple[tuple[str, float, float, float, float], ...]
 
@@ -228,7 +230,7 @@ def _update_band(lo, hi, s, z1, z2, du1, du2, r, beta, alpha, work, xp):
     """
     b, ny, nx = s.shape
     m = hi - lo
-    t1, t2, k, cp, tmp = (w[:, :m] for w in work)
+    t1, t2, k, kz, tmp = (w[:, :m] for w in work)
     sb = s[:, lo:hi]
     # t = z - D s  (= grad u0 - multiplier / beta - the relaxed A lambda), D = periodic forward
     # differences; the x difference runs on the flattened band (one aligned 1-D pass), the
@@ -240,27 +242,30 @@ def _update_band(lo, hi, s, z1, z2, du1, du2, r, beta, alpha, work, xp):
     xp.subtract(sb[:, -1], s[:, hi % ny], out=t2[:, -1])
     xp.subtract(z1[:, lo:hi], t1, out=t1)
     xp.subtract(z2[:, lo:hi], t2, out=t2)
-    # k = 1 - shrinkage factor = min(1, 1 / (beta |t|)): the isotropic TV prox keeps (1 - k) t
+    # k = alpha min(1, 1 / (beta |t|)), alpha times 1 - the shrinkage factor: the isotropic TV prox
+    # keeps y = (1 - k / alpha) t
     xp.multiply(t1, t1, out=k)
     xp.multiply(t2, t2, out=tmp)
     k += tmp
     xp.sqrt(k, out=k)
-    k *= beta
-    xp.maximum(k, 1.0, out=k)
-    xp.reciprocal(k, out=k)
-    # y = (1 - k) t, scaled multiplier m' = -k t; next z' = alpha du - m' + (1 - alpha) y
-    # = alpha du + (1 - alpha + alpha k) t, and the x-update's p = du - y - m' = du + (2k - 1) t,
-    # kept times alpha (its spectrum then gives alpha psi * lambda, what t needs)
-    xp.multiply(k, 2.0 * alpha, out=cp)
-    cp -= alpha
-    if alpha != 1.0:
-        k *= alpha
-        k += 1.0 - alpha
+    xp.maximum(k, 1.0 / beta, out=k)
+    xp.divide(alpha / beta, k, out=k)
+    # scaled multiplier m' = -(k / alpha) t; next z' = alpha du - m' + (1 - alpha) y = alpha du + kz t,
+    # kz = k + 1 - alpha; the x-update's p = du - y - m', kept times alpha (its spectrum then gives
+    # alpha psi * lambda, what t needs), is z' + (k - 1) t
+    if alpha == 1.0:
+        kz = k
+    else:
+        xp.add(k, 1.0 - alpha, out=kz)
+        k -= 1.0
     for t, z, du in ((t1, z1, du1), (t2, z2, du2)):
-        xp.multiply(k, t, out=tmp)
+        xp.multiply(kz, t, out=tmp)
         xp.add(du[:, lo:hi], tmp, out=z[:, lo:hi])
-        t *= cp
-        t += du[:, lo:hi]
+        if alpha == 1.0:
+            xp.subtract(tmp, t, out=t)
+        else:
+            t *= k
+        t += z[:, lo:hi]
     p1, p2 = t1, t2
     # r = D^T p: backward differences (the adjoint of the forward ones)
     rb = r[:, lo:hi]
@@ -295,7 +300,7 @@ def _solve(u, norms, g2, w, *, maxit, cvg_threshold, solver, band, fft, xp):
     if cvg_threshold > 0:
         # fx = jx R: Fourier coefficients of lambda, for the stopping rule
         jx = xp.sqrt(bpsi2) / fphi  # proportional to beta |F psi| / fphi: enough for a ratio
-        fx_old = None
+        spec_old = None
     del bpsi2, fphi
     du1 = xp.empty_like(u)
     du2 = xp.empty_like(u)
@@ -320,14 +325,17 @@ def _solve(u, norms, g2, w, *, maxit, cvg_threshold, solver, band, fft, xp):
         spec = rfft2(r)
         done = np.zeros(len(active), bool) if it < maxit else np.ones(len(active), bool)
         if cvg_threshold > 0:
-            fx = spec * jx
-            if fx_old is not None:
-                diff = xp.abs(fx - fx_old).reshape(len(active), -1).max(axis=1)
-                top = xp.abs(fx).reshape(len(active), -1).max(axis=1)
+            # |fx - fx_old| = jx |R - R_old| and |fx| = jx |R|, in buffers kept across iterations
+            if spec_old is None:
+                spec_old, cwork, fwork = spec.copy(), xp.empty_like(spec), xp.empty(spec.shape, f32)
+            else:
+                xp.subtract(spec, spec_old, out=cwork)
+                diff = _weighted_max(cwork, jx, fwork, xp)
+                top = _weighted_max(spec, jx, fwork, xp)
                 # the relaxed step is alpha times a plain ADMM step from the same point: the
                 # rule measures the plain step, so cvg_threshold means the same for every alpha
                 done |= _to_numpy(diff <= alpha * cvg_threshold * top)
-            fx_old = fx
+                spec_old[...] = spec
         spec *= kx
         s = irfft2(spec, s=(ny, nx))
         if done.any():
@@ -340,7 +348,7 @@ def _solve(u, norms, g2, w, *, maxit, cvg_threshold, solver, band, fft, xp):
             active = active[keep]
             s, z1, z2, du1, du2, r, kx = (a[idx] for a in (s, z1, z2, du1, du2, r, kx))
             if cvg_threshold > 0:
-                jx, fx_old = jx[idx], fx_old[idx]
+                jx, spec_old, cwork, fwork = (a[idx] for a in (jx, spec_old, cwork, fwork))
             work = [a[idx] for a in work]
         carry = None
         for lo in range(0, ny, band):
@@ -351,6 +359,13 @@ def _solve(u, norms, g2, w, *, maxit, cvg_threshold, solver, band, fft, xp):
             carry = p2_last.copy()  # the next band overwrites the work arrays
         r[:, 0] -= carry  # the wrap of D^T along y: row 0 takes -p2 of the last row
     return s_out, iterations
+
+
+def _weighted_max(c, w, out, xp):
+    """``max |c| w`` of each slice of a complex batch, using ``out`` (real, the shape of ``c``)."""
+    xp.abs(c, out=out)
+    out *= w
+    return out.reshape(len(out), -1).max(axis=1)
 
 
 def _to_numpy(a) -> np.ndarray:
@@ -404,8 +419,9 @@ def vsnr(
     batch : int
         Slices solved together (vectorised; a GPU wants many, a CPU one).
     band : int, optional
-        Rows per band of the elementwise passes; default 16 with numpy, the
-        whole slice otherwise.
+        Rows per band of the elementwise passes; default
+        :data:`BAND_ELEMENTS` pixels' worth with numpy, the whole slice
+        otherwise.  Does not change the result.
     workers : int
         Threads of each scipy FFT (numpy only; 1 inside dask tasks).
     xp : module
@@ -443,7 +459,7 @@ def vsnr(
         raise ValueError(f"solver = {solver!r}: expected one of {', '.join(map(repr, SOLVERS))}")
     g2, w = _spectrum_on(xp, filter_key(filters), shape)
     fft = _fft(xp, workers)
-    band = int(band or (BAND_ROWS if xp is np else shape[0]))
+    band = int(band or (max(1, BAND_ELEMENTS // shape[1]) if xp is np else shape[0]))
     on_host = isinstance(stack3, np.ndarray)
     out = (np if on_host else xp).empty((nz, ny, nx), np.float32)
     iterations = np.zeros(nz, int)
