@@ -9,42 +9,60 @@ Run: ``python benchmarks/bench_vsnr.py [--quick] [--repeat 3] [--maxit 30] [--sl
    iteration, the speed-up and the difference of the results (relative RMS
    and largest absolute difference, in grey levels); for the padded run also
    how far it departs from the unpadded one in the outer 8 pixels and beyond 64.
-2. Solvers, per slice, one core, at 1024 x 904 and 2048 x 2048: ``"admm"``
-   (pyvsnr's iterations) vs ``"fast"`` at the same ``cvg_threshold`` (1e-2
-   and 1e-3): iterations, seconds per slice (best of ``--repeat``
-   interleaved), their ratio, and the distance (RMS, relative to the RMS of
-   the correction) to two references: ``"admm"`` after 1000 iterations
-   without early stop, and ``"fast"`` after 1000 (the lower objective).
+2. Solvers, per slice, one core, at 1024 x 904 and 2048 x 2048, at the same
+   ``cvg_threshold`` (1e-2 and 1e-3): the kernel as issue 10 found it (commit
+   ``88fa41e``, read from git at run time), today's ``"admm"`` (pyvsnr's
+   iterations) and ``"fast"``: iterations, seconds per slice (best of
+   ``--repeat`` interleaved), the time as a fraction of 88fa41e's, and the
+   distance (RMS, relative to the RMS of the correction) to two references:
+   ``"fast"`` after ``--ref-maxit`` iterations without early stop (the lower
+   objective: the converged solution) and ``"admm"`` after as many.  A row
+   "meets" issue 10's line when it takes <= 0.6x 88fa41e's time and ends at
+   least as close to both references.
 3. The destriping step on a ``--slices`` x 1024 x 904 uint8 stack with
    PyStack3D's default parameters (Gabor 20 / [0.5, 200] / 0, ``maxit`` 100,
    ``cvg_threshold`` 1e-2), threaded scheduler with 2 workers, vs pyvsnr on
    the same slices in 2 processes (one slice per call).
-4. Only when CuPy and a GPU are present: seconds per slice at 2048^2 and
+4. Threads: the destriping step (threaded scheduler, ``maxit`` 30 without
+   early stop) on 1 and 2 workers, at 300 x 340, 1024 x 904, 1024 x 1024 and
+   2048 x 2048, with today's bands (:data:`BAND_ELEMENTS` pixels) and with the
+   16-row bands of before (same bits): slices per second and the 2-worker
+   speed-up.  Two threads share a core's worth of the GIL; small bands spend
+   their time in Python calls and the threads take turns.
+5. Only when CuPy and a GPU are present: seconds per slice at 2048^2 and
    4224^2 (batched), and the projected time for 2000 slices of 2000^2.
 
 ``--quick``: fewer iterations, slices and repeats, references after 200
-iterations (a smoke run, a few minutes); ``--only solvers step``: some sections.
+iterations (a smoke run, a few minutes); ``--only solvers threads``: some sections.
 This machine is shared: compare the ratios, not the seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import dask
 import numpy as np
 
-from pystack3d_dask.kernels.vsnr import fast_shape, vsnr
+from pystack3d_dask.kernels.vsnr import BAND_ELEMENTS, fast_shape, vsnr
+from pystack3d_dask.steps import destriping as destriping_module
 from pystack3d_dask.steps.base import as_stack
 from pystack3d_dask.steps.destriping import destriping
 from pystack3d_dask.synthetic import SyntheticCase
 
 FILTERS = [{"name": "Gabor", "noise_level": 20, "sigma": (0.5, 200), "theta": 0}]
-SECTIONS = ["per-slice", "solvers", "step", "gpu"]
+SECTIONS = ["per-slice", "solvers", "step", "threads", "gpu"]
+#: the kernel issue 10 measured (its solver line compares against it)
+ISSUE_10_REV = "88fa41e"
 
 
 def curtained_slices(n: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -118,31 +136,82 @@ def per_slice(shape: tuple[int, int], maxit: int, repeat: int) -> None:
               f"{np.abs(plain - img).max():.1f})")
 
 
-def solvers(shape: tuple[int, int], repeat: int, ref_maxit: int) -> None:
+def kernel_at(rev: str):
+    """The VSNR kernel module as it was at commit ``rev`` (read with git), or None without git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:pystack3d_dask/kernels/vsnr.py"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"  (kernel of {rev} not read from git: {exc})")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"vsnr_{rev}.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(f"vsnr_{rev}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+def solvers(shape: tuple[int, int], repeat: int, ref_maxit: int, old) -> None:
     img = curtained_slices(1, shape, seed=1)[0].astype(np.float32)
-    refs = {name: vsnr(img, filters=FILTERS, maxit=ref_maxit, solver=name) for name in ("admm", "fast")}
+    refs = {name: vsnr(img, filters=FILTERS, maxit=ref_maxit, solver=name) for name in ("fast", "admm")}
     scale = np.sqrt(np.mean((img.astype(np.float64) - refs["fast"]) ** 2))
 
     def dist(out, ref):
         return np.sqrt(np.mean((out.astype(np.float64) - ref) ** 2)) / scale
 
     print(f"\n{shape[0]} x {shape[1]}, solvers at the same cvg_threshold, one core, best of {repeat} "
-          f"(distance: RMS / RMS of the correction; the two references differ by "
-          f"{dist(refs['admm'], refs['fast']):.3f}):")
+          f"(distance: RMS / RMS of the correction, to fast and admm after {ref_maxit} iterations; "
+          f"these two differ by {dist(refs['admm'], refs['fast']):.3f}):")
     for cvg in (1e-2, 1e-3):
-        runs = {name: (lambda name=name: vsnr(img, filters=FILTERS, maxit=ref_maxit, cvg_threshold=cvg,
-                                              solver=name, return_iterations=True))
-                for name in ("admm", "fast")}
+        kw = {"filters": FILTERS, "maxit": ref_maxit, "cvg_threshold": cvg, "return_iterations": True}
+        runs = {name: functools.partial(vsnr, img, solver=name, **kw) for name in ("admm", "fast")}
+        if old is not None:
+            runs = {ISSUE_10_REV: functools.partial(old.vsnr, img, **kw), **runs}
         best, results = {k: np.inf for k in runs}, {}
         for _ in range(repeat):
             for name, run in runs.items():
                 t, results[name] = timed(run)
                 best[name] = min(best[name], t)
+        base = next(iter(runs))
+        d_base = [dist(results[base][0], ref) for ref in refs.values()]
         for name in runs:
             out, its = results[name]
-            print(f"  cvg {cvg:g}  {name:4s}  {its[0]:4d} iterations  {best[name]:6.2f} s   "
-                  f"x{best[name] / best['admm']:.2f} the time   to admm {ref_maxit}: "
-                  f"{dist(out, refs['admm']):.3f}   to fast {ref_maxit}: {dist(out, refs['fast']):.3f}")
+            d = [dist(out, ref) for ref in refs.values()]
+            ratio = best[name] / best[base]
+            verdict = ""
+            if name != base and base == ISSUE_10_REV:
+                ok = ratio <= 0.6 and all(a <= b for a, b in zip(d, d_base))
+                verdict = "   meets" if ok else "   does not meet"
+            print(f"  cvg {cvg:<6g} {name:8s} {its[0]:4d} iterations  {best[name]:6.2f} s   "
+                  f"x{ratio:.2f} the time   to fast: {d[0]:.3f}   to admm: {d[1]:.3f}{verdict}")
+
+
+def threads(shapes=((300, 340), (1024, 904), (1024, 1024), (2048, 2048)), maxit=30,
+            pixels=16 * 1024 * 1024) -> None:
+    """Slices per second of the destriping step on 1 and 2 threads, today's bands vs 16 rows."""
+    kernels = {f"bands of {BAND_ELEMENTS} px": vsnr, "bands of 16 rows": functools.partial(vsnr, band=16)}
+    params = {"filters": FILTERS, "maxit": maxit, "cvg_threshold": 0.0}
+    print(f"\ndestriping step, threaded scheduler, maxit {maxit} (no early stop), slices per second:")
+    for shape in shapes:
+        n = max(4, 2 * round(pixels / (2 * shape[0] * shape[1])))
+        x = as_stack(curtained_slices(n, shape))
+        destriping(x[:1], **params)[0].compute()  # warm-up: the filter's spectrum, FFT plans
+        rates = {}
+        for label, kernel in kernels.items():
+            destriping_module.vsnr = kernel  # the step calls the module's name: swap the band size
+            try:
+                for workers in (1, 2):
+                    with dask.config.set(scheduler="threads", num_workers=workers):
+                        t, _ = timed(lambda: destriping(x, cast=False, **params)[0].compute())
+                    rates[label, workers] = n / t
+            finally:
+                destriping_module.vsnr = vsnr
+        print(f"  {shape[0]} x {shape[1]} ({n} slices):   " + "   ".join(
+            f"{label}: 1 thread {rates[label, 1]:6.2f}, 2 threads {rates[label, 2]:6.2f} "
+            f"(x{rates[label, 2] / rates[label, 1]:.2f})" for label in kernels))
 
 
 def step_vs_processes(nslices: int) -> None:
@@ -203,10 +272,13 @@ def main(argv=None) -> None:
         for shape in ((1024, 904), (2048, 2048)):
             per_slice(shape, args.maxit, args.repeat)
     if "solvers" in args.only:
+        old = kernel_at(ISSUE_10_REV)
         for shape in ((1024, 904), (2048, 2048)):
-            solvers(shape, args.repeat, args.ref_maxit)
+            solvers(shape, args.repeat, args.ref_maxit, old)
     if "step" in args.only:
         step_vs_processes(args.slices)
+    if "threads" in args.only:
+        threads(maxit=5 if args.quick else 30)
     if "gpu" not in args.only:
         return
     try:
