@@ -36,19 +36,20 @@ Solvers (``solver=``; the same problem, hence the same minimiser):
 * ``"admm"``: the reference's ADMM, penalty ``beta = 10``; its iterates,
   stopping point and result (to ~1e-3) are pyvsnr's;
 * ``"fast"``: the same ADMM over-relaxed (Eckstein & Bertsekas 1992) with
-  ``alpha = 1.8``, penalty ``beta = 20``, started from ``y = 0`` (the
+  ``alpha = 1.6``, penalty ``beta = 20``, started from ``y = 0`` (the
   reference starts from ``y = grad u0``, so that its first iteration returns
   ``s = 0``).  A relaxed step is ``alpha`` times the plain ADMM step from the
   same point (``lambda`` is linear in the Douglas-Rachford variable), so the
   stopping rule divides the change of ``fx`` by ``alpha``: ``cvg_threshold``
   bounds the plain step in both.  Measured on synthetic curtained slices
-  (1024 x 904 and 2048 x 2048, Gabor ``[0.5, 200]`` or PyStack3D's tilted
-  Gabors + Dirac): at ``cvg_threshold = 1e-3`` it stops after 0.45-0.52x
-  the iterations of ``"admm"``, at 1e-2 after 0.56-1x; always closer to the
-  minimiser (0.65-0.95x the distance).  ``"admm"`` converges slowly: after
-  600-1000 iterations it is still 3-4 % (RMS, relative to the correction)
-  from the minimiser.  The relaxation costs no memory (it is folded into the
-  stored ``z``) and two elementwise passes per iteration.
+  (128 x 118 to 2048 x 2048, Gabor ``[0.5, 200]``): at ``cvg_threshold =
+  1e-2`` it stops after 0.65-0.75x the iterations of ``"admm"``, at 1e-3
+  after 0.37-0.53x, always closer to the minimiser (0.7-0.96x the
+  distance).  ``alpha = 1.8`` stopped closer still, but after 0.9x the
+  iterations at 1e-2 (PyStack3D's usual threshold).  ``"admm"`` converges
+  slowly: after 600-1000 iterations it is still 3-4 % (RMS, relative to the
+  correction) from the minimiser.  The relaxation costs no memory (it is
+  folded into the stored ``z``) and two elementwise passes per iteration.
 
 Speed (what differs from a textbook transcription, not the result):
 
@@ -58,9 +59,21 @@ Speed (what differs from a textbook transcription, not the result):
   ``irfft2`` per iteration remain, and the ADMM's split variable ``y`` and
   multiplier ``mu`` collapse into one pair of arrays ``z = alpha grad u0 - mu /
   beta + (1 - alpha) y`` (``alpha``: the relaxation, 1 for ``"admm"``);
-* the ``~20`` elementwise operations of an iteration (TV shrinkage, multiplier
-  update, differences) run on bands of rows that stay in the CPU cache instead
-  of whole-slice passes through memory; on a GPU the band is the whole slice;
+* on the CPU the inverse transform runs as its two 1-D passes (pocketfft's
+  ``irfft2`` takes 1.5-1.8x their time);
+* the elementwise operations of an iteration (21 for ``"admm"``, 23 for
+  ``"fast"``: TV shrinkage, multiplier update, differences), and the stopping
+  rule with the spectral filter (9), run on bands of :data:`BAND_ELEMENTS`
+  pixels that stay in the CPU cache instead of whole-slice passes through
+  memory; on a GPU the band is the whole slice.  Bands are sized by pixels,
+  not rows: on a narrow slice, bands of a few rows spend their time in Python
+  calls that hold the GIL, and the threads of a dask worker take turns.
+  Bands do not change the bits of the result;
+* measured on a shared 2-core machine (one iteration, one thread, CPU time):
+  300 x 340 1.5 ms, 1024 x 904 24 ms, 2048 x 2048 70 ms, that is 0.75x,
+  0.9x and 0.7x the time of the kernel of November 2026 (commit 88fa41e);
+  the FFTs take 60-70 % (at 1024 x 904 the transforms of length 904 = 8 x 113
+  alone take half), the elementwise passes 25-35 %;
 * ``pad=True`` extends each slice periodically on both sides (``numpy.pad``
   mode ``"wrap"``, the closest to the unpadded periodic model of the modes
   tried) up to a size with fast FFTs (:func:`fast_shape`) and crops the
@@ -105,7 +118,7 @@ class Solver(NamedTuple):
 
 
 #: "admm" is pyvsnr's (beta 10, PyStack3D never changes it), "fast" reaches the minimiser sooner
-SOLVERS: dict[str, Solver] = {"admm": Solver(10.0, 1.0, False), "fast": Solver(20.0, 1.8, True)}
+SOLVERS: dict[str, Solver] = {"admm": Solver(10.0, 1.0, False), "fast": Solver(20.0, 1.6, True)}
 #: keys each filter needs, by filter name
 FILTER_KEYS: dict[str, tuple[str, ...]] = {
     "Gabor": ("noise_level", "sigma", "theta"),
@@ -442,8 +455,9 @@ def vsnr(
         0 runs ``maxit`` iterations.
     solver : {"admm", "fast"}
         ``"admm"``: pyvsnr's iterations; ``"fast"``: over-relaxed ADMM with a
-        larger penalty, stops closer to the minimiser, in about half the
-        iterations at ``cvg_threshold=1e-3`` (module docstring).
+        larger penalty, stops closer to the minimiser, in 0.65-0.75x the
+        iterations at ``cvg_threshold=1e-2``, about half at 1e-3 (module
+        docstring).
     pad : bool
         Pad each slice to fast FFT sizes (:func:`fast_shape`; faster, changes
         the result near the edges).
