@@ -27,8 +27,8 @@ Run: ``python benchmarks/bench_vsnr.py [--quick] [--repeat 3] [--maxit 30] [--sl
    early stop) on 1 and 2 workers, at 300 x 340, 1024 x 904, 1024 x 1024 and
    2048 x 2048, with today's bands (:data:`BAND_ELEMENTS` pixels) and with the
    16-row bands of before (same bits): slices per second and the 2-worker
-   speed-up.  Two threads share a core's worth of the GIL; small bands spend
-   their time in Python calls and the threads take turns.
+   speed-up.  Between numpy calls Python holds the GIL: bands of few pixels
+   spend much of their time there, and the two threads take turns.
 5. Only when CuPy and a GPU are present: seconds per slice at 2048^2 and
    4224^2 (batched), and the projected time for 2000 slices of 2000^2.
 
