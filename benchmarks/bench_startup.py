@@ -74,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         toml, _ = write_demo_project(tmp, shape=args.shape)
-        subprocess.run([sys.executable, "-c", CLI, "-q", "run", str(toml)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-c", CLI, "-q", "run", str(toml)], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
         whole = min(seconds("-c", CLI, "-q", "run", str(toml)) for _ in range(args.repeat))
         bare = min(seconds("-c", CLI, "-q", "run", str(toml), "--no-plots") for _ in range(args.repeat))
         parts = []

@@ -51,7 +51,7 @@ def stripe_power(img: np.ndarray) -> float | np.ndarray:
 
     A ``(y, x)`` slice gives a float; a ``(z, y, x)`` block gives one value per slice.
     """
-    cols = img.astype(np.float64).mean(axis=-2)
+    cols = img.mean(axis=-2, dtype=np.float64)  # summed in float64 without a float64 copy of the image
     power = np.mean((cols - ndimage.uniform_filter1d(cols, 9, axis=-1, mode="nearest")) ** 2, axis=-1)
     return float(power) if power.ndim == 0 else power
 
