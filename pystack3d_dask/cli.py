@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                      'address (overrides [cluster]; a batch system takes the [cluster] table of its type)')
     run.add_argument("--output", help="folder for the store (default: the project folder)")
     run.add_argument("--chunk-mib", type=float, default=32.0, help="target chunk size (MiB)")
+    run.add_argument("--shard-mib", type=float, help="target shard size (MiB): whole chunks in one file, "
+                     "written and resumed as one (default 512 for a new store, else the store's; 0: one "
+                     "file per chunk)")
     run.add_argument("--compression", choices=["none", "lz4", "zstd"], default="none",
                      help="chunk compression (off: noisy slices hardly compress, and it costs speed)")
     run.add_argument("--keep", choices=["all", "last"], default="all",
@@ -134,8 +137,8 @@ def _quiet_dask() -> None:
 def _run(args) -> int:
     from pystack3d_dask.engine import Project
 
-    project = Project(args.path, output_dir=args.output, chunk_mib=args.chunk_mib, cluster=args.cluster,
-                      compression=args.compression, keep=args.keep, quiet=args.quiet)
+    project = Project(args.path, output_dir=args.output, chunk_mib=args.chunk_mib, shard_mib=args.shard_mib,
+                      cluster=args.cluster, compression=args.compression, keep=args.keep, quiet=args.quiet)
     report = project.run(args.steps, force=args.force, plots=not args.no_plots)
     for message in report.messages:
         print(message)
@@ -175,7 +178,8 @@ def _verify(args) -> int:
             for problem in problems:
                 print(f"damaged: {step} [{channel}] {problem}")
     if damaged:
-        print(f"{project.store_path}: damaged chunks are marked undone; `pystack3d-dask run` recomputes them.")
+        print(f"{project.store_path}: damaged shards (chunks when unsharded) are marked undone; "
+              "`pystack3d-dask run` recomputes them.")
         return 1
     print(f"{project.store_path}: every stored chunk matches its checksum and completion record.")
     return 0

@@ -1,23 +1,29 @@
-"""The workflow: ingest once, then run ``process_steps`` in order, resumable chunk by chunk.
+"""The workflow: ingest once, then run ``process_steps`` in order, resumable shard by shard.
 
 For each step and channel the engine takes the previous step's stored result
-as a lazy array, gets the step's global state (computed once, or loaded from
-the store), builds the step's lazy graph and writes it with one task per Zarr
-chunk (:func:`pystack3d_dask.store.write_block`: data, then per-slice
-statistics and a done flag, so every step reads its input once).
+as a lazy array of chunks, gets the step's global state (computed once, or
+loaded from the store), builds the step's lazy graph and writes it with one
+task per write unit, a shard of k chunks (:func:`pystack3d_dask.store.write_block`:
+data, then per-slice statistics and a done flag, so every step reads its input
+once).  Each chunk is cast to the stored dtype in the task that computed it
+(:func:`pystack3d_dask.store.prepare_block`); the shard's task gathers them.
+
+The layout, chunks of ``chunk_mib`` and shards of ``shard_mib``, is chosen at
+ingest and kept by every step; a store ingested unsharded (formats 1 and 2)
+stays so until ``--force input``.
 
 Resume and change detection rest on one *chain hash* per step: a digest of
-the input files, the chunking and the parameters of this step and of every
+the input files, the chunking (and sharding) and the parameters of this step and of every
 step before it.  A complete step whose hash matches is skipped; a step whose
 hash changed is recomputed with every step after it; a step with the same hash
-but missing chunks (a killed run) computes only those chunks.
+but missing shards (a killed run) computes only those shards.
 
 Each step (the ingest too) runs as one transaction (:meth:`Project._transact`):
 its result is written beside the old one, checked whole, then swapped in with
 its statistics and state.  An error removes only what the failing step wrote
-in this run; an interruption keeps every written chunk for the next run.
-Before a complete step is used, its chunks are checked whole (listing and
-sizes); damaged chunks are marked undone and recomputed, byte-identical.
+in this run; an interruption keeps every written shard for the next run.
+Before a complete step is used, its files are checked whole (listing and
+sizes); damaged shards are marked undone and recomputed, byte-identical.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Any
 
 import dask
 import numpy as np
+from dask.delayed import Delayed
 
 from pystack3d_dask.cluster import ClusterConfig, cluster_config, scheduler
 from pystack3d_dask.config import params_hash, suggest
@@ -64,10 +71,13 @@ from pystack3d_dask.store import (
     NEW,
     STATS_COLUMNS,
     STORE_NAME,
+    Block,
     ProjectStore,
     channel_key,
     check_writable,
+    prepare_block,
     project_lock,
+    shard_slices,
     write_block,
     write_error,
 )
@@ -78,6 +88,10 @@ log = logging.getLogger("pystack3d_dask")
 
 #: default size of a chunk of whole slices
 CHUNK_MIB = 32.0
+#: default size of a shard (one file of whole chunks, written by one task).  A shard
+#: write holds about 3x the shard in memory; at 10 000 slices of 8192² uint16 shards of
+#: 512 MiB (4 slices) make 5 000 files per step instead of 20 000.
+SHARD_MIB = 512.0
 
 
 def _digest(*parts: Any) -> str:
@@ -118,6 +132,13 @@ class Project:
         Target size of a chunk of whole slices.
     chunk_slices : int, optional
         Slices per chunk, overriding ``chunk_mib``.
+    shard_mib : float, optional
+        Target size of a shard: whole chunks in one file, written and resumed as one
+        (default :data:`SHARD_MIB` for a new ingest, else the store's layout); 0 writes
+        unsharded arrays (one file per chunk).  Like the chunk size, it is chosen at
+        ingest: another value for a stored input needs ``force=["input"]``.
+    shard_chunks : int, optional
+        Chunks per shard, overriding ``shard_mib``.
     cluster : ClusterConfig, mapping or str, optional
         Overrides the ``[cluster]`` table: a cluster type (``"threads"``, ``"local"``,
         ``"slurm"``...: the table if it is of that type, else the type's defaults), a
@@ -146,6 +167,8 @@ class Project:
         output_dir: str | os.PathLike | None = None,
         chunk_mib: float = CHUNK_MIB,
         chunk_slices: int | None = None,
+        shard_mib: float | None = None,
+        shard_chunks: int | None = None,
         cluster: ClusterConfig | Mapping | str | None = None,
         compression: str = "none",
         keep: str = "all",
@@ -154,14 +177,16 @@ class Project:
         self.config: ProjectConfig = load_config(params)
         self.output_dir = Path(output_dir) if output_dir is not None else self.config.project_dir
         self.store_path = self.output_dir / STORE_NAME
-        if chunk_slices is not None and (isinstance(chunk_slices, bool) or not isinstance(chunk_slices, int)
-                                         or chunk_slices < 1):
-            raise ConfigError(f"chunk_slices = {chunk_slices!r} is invalid: expected an integer >= 1.")
-        if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, (int, float)) or not (
-                math.isfinite(chunk_mib) and chunk_mib > 0):
-            raise ConfigError(f"chunk_mib = {chunk_mib!r} is invalid: expected a finite number of MiB > 0.")
+        for key, value in (("chunk_slices", chunk_slices), ("shard_chunks", shard_chunks)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{key} = {value!r} is invalid: expected an integer >= 1.")
+        _check_mib("chunk_mib", chunk_mib, zero=False)
+        if shard_mib is not None:
+            _check_mib("shard_mib", shard_mib, zero=True)
         self.chunk_mib = chunk_mib
         self.chunk_slices = chunk_slices
+        self.shard_mib = shard_mib
+        self.shard_chunks = shard_chunks
         self.cluster = cluster_config(cluster, self.config.cluster) if cluster is not None else self.config.cluster
         if compression not in COMPRESSION:
             raise ConfigError(f"compression = {compression!r} is invalid: expected one of {list(COMPRESSION)}.")
@@ -346,11 +371,12 @@ class Project:
             entry = {"status": "not run" if info is None else "complete" if info.get("complete") else "partial"}
             if info is not None:
                 entry["hash"] = info.get("hash")  # identifies the result: its input, chunking and parameters
-            if pending is not None:  # an interrupted recomputation: its chunks wait beside the result
+            if pending is not None:  # an interrupted recomputation: its shards wait beside the result
                 node = store.node(step + NEW, self.config.channels[0])
-                done = store.done_chunks(node) if not pending.get("alias") and (store.path / node).exists() else None
+                done = store.done_units(node) if not pending.get("alias") and (store.path / node).exists() else None
                 entry["next"] = "being computed" + ("" if done is None else f" ({int(done.sum())}/{done.size} "
-                                                                            "chunks): run again to finish it")
+                                                                            f"{store.unit_name(node)}s): run again to "
+                                                                            "finish it")
             if info is None:
                 out["steps"][step] = entry
                 continue
@@ -368,10 +394,9 @@ class Project:
                 table = store.stats(node)
                 if not _discarded(store, step):
                     arr = store.array(node)
-                    entry.update(shape=arr.shape, chunks=arr.chunks, dtype=str(arr.dtype))
-                done = store.done_chunks(node) if not _discarded(store, step) else None
-                if done is not None:
-                    entry["chunks_done"] = f"{int(done.sum())}/{done.size}"
+                    entry.update(shape=arr.shape, chunks=arr.chunks, shards=arr.shards, dtype=str(arr.dtype))
+                    done = store.done_units(node)
+                    entry[f"{store.unit_name(node)}s_done"] = f"{int(done.sum())}/{done.size}"
                 for name, col, fn in (("min", 3, np.nanmin), ("max", 4, np.nanmax), ("mean", 5, np.nanmean)):
                     entry[name] = float(fn(table[:, col])) if np.isfinite(table[:, col]).any() else None
             out["steps"][step] = entry
@@ -504,6 +529,14 @@ class Project:
             return min(self.chunk_slices, shape[0])
         return default_chunk_slices(shape, dtype, target_mib=self.chunk_mib)
 
+    def _sz(self, shape: tuple[int, ...], dtype: Any, cz: int) -> int | None:
+        """Slices per shard for a new ingest: whole chunks, at most the stack; None: unsharded."""
+        if self.shard_chunks is not None:
+            return cz * min(self.shard_chunks, -(-shape[0] // cz))
+        if self.shard_mib == 0:
+            return None
+        return shard_slices(shape, dtype, cz, target_mib=self.shard_mib or SHARD_MIB)
+
     def _transact(self, store: ProjectStore, name: str, chain: str, write: Callable[[str], int], *,
                   fresh: bool) -> int:
         """Run one step as a transaction: write beside the old result, check it whole, swap it in.
@@ -520,9 +553,9 @@ class Project:
             for ch in self.config.channels:
                 node = store.node(target, ch)
                 info = store.info(target)
-                if not info.get("alias") and (store.damage(node) or not store.done_chunks(node).all()):
+                if not info.get("alias") and (store.damage(node) or not store.done_units(node).all()):
                     raise StoreError(f"{node} in {store.path} is not whole after it was written: the disk "
-                                     "lost a chunk; run again to recompute it.")
+                                     f"lost a {store.unit_name(node)}; run again to recompute it.")
         except Exception as exc:
             if created and target != name and not _disk_full(exc):  # a full disk is an interruption
                 store.abort(name)
@@ -540,9 +573,15 @@ class Project:
         if cfg.metadata.zpos == "metadata":
             zpos = metadata_zpos(metadata, src0.names)
         info = store.info(INPUT)
-        chain = _digest([s.fingerprint() for s in sources], cfg.channels, cz)
+        stored = self._stored_layout(store) if info is not None and not force else None
+        if stored is not None and self.shard_mib is None and self.shard_chunks is None:
+            sz = stored[1]  # the store's layout (unsharded in a store of format 1 or 2)
+        else:
+            sz = self._sz(shape, src0.dtype, cz)
+        # an unsharded ingest keeps the hash of format 2: its steps are not recomputed
+        chain = _digest([s.fingerprint() for s in sources], cfg.channels, cz, *([] if sz is None else [sz]))
         if info is not None and not force:
-            changes = self._input_changes(store, info, sources, cz) + _zpos_change(info, zpos)
+            changes = self._input_changes(store, info, sources, cz, sz, stored) + _zpos_change(info, zpos)
             if changes:
                 raise InputError(f"the input changed since {self.store_path} was written ({'; '.join(changes)}): "
                                  "every step would be recomputed from it. Run again with --force input "
@@ -568,24 +607,27 @@ class Project:
                            metadata=metadata)
             tasks, total = [], 0
             for src in sources:
-                node = store.create_result(target, src.channel, shape, cz, src.dtype)
-                done = store.done_chunks(node)
-                for i, start in enumerate(range(0, shape[0], cz)):
-                    if done[i]:
-                        continue
-                    stop = min(start + cz, shape[0])
-                    tasks.append(dask.delayed(_ingest_chunk)(src.part(start, stop), start, str(store.path), node,
-                                                             dask_key_name=f"write-input-{src.channel}-{i}"))
-                    total += stop - start
-            execute(tasks, total=total, desc="ingest", distributed=distributed, quiet=self.quiet)
+                node = store.create_result(target, src.channel, shape, cz, src.dtype, shard=sz)
+                key = f"input-{channel_key(src.channel)}"
+                blocks = [dask.delayed(_read_block)(src.part(start, min(start + cz, shape[0])),
+                                                    dask_key_name=f"read-{key}-{i}")
+                          for i, start in enumerate(range(0, shape[0], cz))]
+                new, n = _write_tasks(blocks, shape[0], cz, sz, store.done_units(node), str(store.path), node, key=key)
+                tasks += new
+                total += n
+            execute(tasks, total=total, desc="ingest", distributed=distributed, quiet=self.quiet, **_units(cz, sz))
             store.set_info(target, complete=True)
             return total
 
         report.computed[INPUT] = self._transact(store, INPUT, chain, write, fresh=force)
         report.step_done(INPUT)
 
-    def _input_changes(self, store: ProjectStore, info: dict, sources: list[ChannelSource], cz: int) -> list[str]:
-        """What changed in the input since the ingest (files, channels, chunking); empty if nothing."""
+    def _input_changes(self, store: ProjectStore, info: dict, sources: list[ChannelSource], cz: int,
+                       sz: int | None, layout: tuple[int, int | None] | None) -> list[str]:
+        """What changed in the input since the ingest (files, channels, chunking); empty if nothing.
+
+        ``layout``: the ingested ``(chunk, shard)`` slices (None when its metadata is unreadable).
+        """
         cfg = self.config
         if info.get("files") is None:  # a store of format 1: its hash holds names, sizes and times
             legacy = [[(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in s.files] + [s.pages]
@@ -596,14 +638,21 @@ class Project:
         stored = store.meta.get("channels")
         if stored != list(cfg.channels):
             return [f"channels {list(cfg.channels)}, {stored} at ingest"]
-        try:
-            stored_cz = store.array(store.node(INPUT, cfg.channels[0])).chunks[0]
-        except Exception:  # damaged metadata: the repair that follows ingests again
-            stored_cz = cz
+        stored_cz, stored_sz = layout or (cz, sz)  # damaged metadata: the repair that follows ingests again
         if stored_cz != cz:
             changes.append(f"chunks of {cz} slices, {stored_cz} at ingest (chunk size options)")
+        if stored_sz != sz:
+            changes.append(f"{_shards(sz)}, {_shards(stored_sz)} at ingest (shard size options)")
         return changes + input_changes(info["files"], sources,
                                        lambda ch, start, stop: store.read(store.node(INPUT, ch), start, stop))
+
+    def _stored_layout(self, store: ProjectStore) -> tuple[int, int | None] | None:
+        """Slices per chunk and per shard of the ingested input; None when its metadata is unreadable."""
+        node = store.node(INPUT, self.config.channels[0])
+        try:
+            return store.array(node).chunks[0], store.shard_slices(node)
+        except Exception:
+            return None
 
     def _repair(self, store: ProjectStore, step: str, report: RunReport) -> bool:
         """Cheap check of a complete step's stored chunks; record the damage.  True if damaged."""
@@ -615,7 +664,7 @@ class Project:
             if bad:
                 damaged = True
                 report.messages.append(f"{step}: {'; '.join(bad.values())}: recomputing "
-                                       + ("the step" if None in bad else f"{len(bad)} chunk(s)"))
+                                       + ("the step" if None in bad else f"{len(bad)} {store.unit_name(node)}(s)"))
                 self._record_damage(store, step, node, bad)
         return damaged
 
@@ -705,7 +754,7 @@ class Project:
                     state = step.state(inputs[ch], params, ctxs[ch])
                 store.save_state(target, key, state)
             states[key] = state
-        tasks, total, zpos_out, alias = [], 0, zpos_in, None
+        tasks, total, zpos_out, alias, units = [], 0, zpos_in, None, {}
         for ch in cfg.channels:
             state = states[_state_key(step, cfg, ch)]
             if "zpos" in state:
@@ -715,23 +764,22 @@ class Project:
             if out is None:  # images unchanged: the result is the previous step's array
                 alias = (prev_info.get("alias") or prev)
                 continue
-            cz = x.chunks[0][0]
+            # the input's layout: chunks of cz slices, shards of sz
+            cz, sz = x.chunks[0][0], store.shard_slices(store.node(prev, ch))
             out = out.rechunk((cz, -1, -1))
             reduction = extra = None
             if step.write_reduction is not None:
                 reduction = step.write_reduction(state)
                 probe = reduction(np.zeros((1,) + out.shape[1:], x.dtype))
                 extra = (probe.shape[1], probe.dtype)
-            node = store.create_result(target, ch, out.shape, cz, x.dtype, extra=extra)
-            done = store.done_chunks(node)
-            blocks = out.to_delayed().ravel()
-            for i, start in enumerate(np.cumsum((0,) + out.chunks[0][:-1])):
-                if not done[i]:
-                    tasks.append(dask.delayed(write_block)(
-                        blocks[i], str(store.path), node, int(start), reduction,
-                        dask_key_name=f"write-{name}-{channel_key(ch)}-{i}"))
-                    total += out.chunks[0][i]
-        execute(tasks, total=total, desc=name, distributed=distributed, quiet=self.quiet)
+            node = store.create_result(target, ch, out.shape, cz, x.dtype, extra=extra, shard=sz)
+            new, n = _write_tasks(out.to_delayed().ravel(), out.shape[0], cz, sz, store.done_units(node),
+                                  str(store.path), node, key=f"{name}-{channel_key(ch)}", dtype=x.dtype,
+                                  reduction=reduction)
+            tasks += new
+            total += n
+            units = _units(cz, sz)
+        execute(tasks, total=total, desc=name, distributed=distributed, quiet=self.quiet, **units)
         store.set_info(target, complete=True, alias=alias,
                        zpos=None if zpos_out is None else np.asarray(zpos_out).tolist())
         return total
@@ -750,6 +798,12 @@ class Project:
     def _ctx(self, channel: str, zpos, distributed: bool, previous: dict, input_stats) -> StepContext:
         return StepContext(channel=channel, zpos=zpos, nproc=self.config.nproc, distributed=distributed,
                            first_index=self.config.ind_min, previous=previous, input_stats=input_stats)
+
+
+def _check_mib(key: str, value: Any, *, zero: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and (value > 0 or (zero and value == 0))):
+        raise ConfigError(f"{key} = {value!r} is invalid: expected a finite number of MiB {'>=' if zero else '>'} 0.")
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -781,11 +835,45 @@ def _discarded(store: ProjectStore, step: str) -> bool:
     return bool((store.info(info.get("alias") or step) or {}).get("discarded"))
 
 
-def _ingest_chunk(part: ChannelSource, start: int, store_path: str, node: str) -> int:
-    # Read and write in one task: the chunk never waits in memory between two tasks.  ``part``
-    # holds this chunk's slices only (``ChannelSource.part``): a task carrying every file name
-    # cost dask ~8 ms per 1 000 files to build, quadratic in the slices.
-    return write_block(read_slices(part, 0, part.nslices), store_path, node, start)
+def _read_block(part: ChannelSource) -> Block:
+    # ``part`` holds this chunk's slices only (``ChannelSource.part``): a task carrying every
+    # file name cost dask ~8 ms per 1 000 files to build, quadratic in the slices.
+    return prepare_block(read_slices(part, 0, part.nslices), dtype=part.dtype)
+
+
+def _write_tasks(blocks: Sequence[Delayed], nz: int, cz: int, sz: int | None, done: np.ndarray, store_path: str,
+                 node: str, *, key: str, dtype: Any = None, reduction: Callable | None = None
+                 ) -> tuple[list[Delayed], int]:
+    """One write task per shard not ``done`` (per chunk when unsharded), and the slices they write.
+
+    ``blocks`` are the ``nz`` slices' chunks of ``cz`` slices, in order (the last one may be short).  A
+    shard's chunks are cast in the tasks that compute them (``dtype`` given: raw step
+    output) and gathered by the shard's task, the only one to write the shard's files.
+    """
+    k = (sz or cz) // cz
+    tasks, total = [], 0
+    for u in range(len(done)):
+        parts = list(blocks[u * k : (u + 1) * k])
+        if done[u]:
+            continue
+        if dtype is not None and len(parts) > 1:
+            parts = [dask.delayed(prepare_block)(p, dtype=dtype, reduction=reduction,
+                                                  dask_key_name=f"cast-{key}-{u * k + j}")
+                     for j, p in enumerate(parts)]
+        start = u * k * cz
+        tasks.append(dask.delayed(write_block)(parts, store_path, node, start, reduction,
+                                                dask_key_name=f"write-{key}-{u}"))
+        total += min(start + k * cz, nz) - start
+    return tasks, total
+
+
+def _units(cz: int, sz: int | None) -> dict[str, Any]:
+    """What a write task writes, for :func:`~pystack3d_dask.progress.execute`."""
+    return {"unit": "chunk" if sz is None else "shard", "chunks_per_task": (sz or cz) // cz}
+
+
+def _shards(sz: int | None) -> str:
+    return "unsharded" if sz is None else f"shards of {sz} slices"
 
 
 def _state_order(step, params, cfg: ProjectConfig) -> list[str]:

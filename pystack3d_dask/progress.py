@@ -4,6 +4,8 @@ Tasks run through a bounded window, in chunk order: at most a few chunks per
 worker are in flight at any time, so memory stays ``workers x chunk x a small
 factor`` whatever the number of slices (a single ``dask.compute`` of every
 task lets the reads run ahead of the writes and hold many chunks at once).
+A task that writes a shard of k chunks counts for k, but two are always in
+flight, so that one shard's write overlaps the next one's computation.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from pystack3d_dask.errors import WorkersLost
 
 #: chunks in flight per worker thread
 WINDOW_PER_WORKER = 2
+#: write tasks in flight at least, however many chunks each one gathers
+MIN_WINDOW = 2
+
+
+def _window(threads: int, chunks_per_task: int) -> int:
+    return max(MIN_WINDOW, -(-WINDOW_PER_WORKER * threads // chunks_per_task))
 
 
 class _SliceCounter(Callback):
@@ -64,8 +72,12 @@ def state_progress(desc: str, *, quiet: bool, distributed: bool):
     return contextlib.nullcontext() if quiet or distributed else _TaskBar(desc)
 
 
-def execute(tasks: Sequence[Delayed], *, total: int, desc: str, distributed: bool, quiet: bool = False) -> None:
+def execute(tasks: Sequence[Delayed], *, total: int, desc: str, distributed: bool, quiet: bool = False,
+            unit: str = "chunk", chunks_per_task: int = 1) -> None:
     """Compute ``tasks`` (each returns the number of slices it wrote), showing progress.
+
+    ``unit``: what a task writes, for messages ("chunk", "shard"); ``chunks_per_task``: the
+    chunks it gathers (a shard's), which sizes the window.
 
     On a ``distributed`` client the tasks are submitted as futures and counted
     as they finish; on the local schedulers a dask callback counts them.  The
@@ -79,13 +91,13 @@ def execute(tasks: Sequence[Delayed], *, total: int, desc: str, distributed: boo
     with tqdm(total=total, desc=desc, unit="slice", disable=quiet, file=sys.stderr, leave=True,
               dynamic_ncols=True) as bar:
         if distributed:
-            _execute_distributed(tasks, bar, desc=desc)
+            _execute_distributed(tasks, bar, desc=desc, unit=unit, chunks_per_task=chunks_per_task)
             return
         # Our own pool, so that on an error we can wait for the tasks still running: nothing
         # may write into the store after we return (the caller may roll the step back).
         workers = dask.config.get("num_workers", None) or os.cpu_count()
         pool = ThreadPoolExecutor(workers)
-        window = WINDOW_PER_WORKER * workers
+        window = _window(workers, chunks_per_task)
         try:
             with _SliceCounter({t.key for t in tasks}, bar):
                 for i in range(0, len(tasks), window):
@@ -106,7 +118,8 @@ def _own_graphs(tasks: Sequence[Delayed]) -> list[Delayed]:
     return [Delayed(t.key, cull(graph, t.key)[0]) for t in tasks]
 
 
-def _execute_distributed(tasks: Sequence[Delayed], bar, *, desc: str, drain_timeout: float = 60.0) -> None:
+def _execute_distributed(tasks: Sequence[Delayed], bar, *, desc: str, unit: str, chunks_per_task: int,
+                         drain_timeout: float = 60.0) -> None:
     from distributed import as_completed, get_client
 
     from pystack3d_dask.cluster import PLANNED_THREADS
@@ -117,7 +130,7 @@ def _execute_distributed(tasks: Sequence[Delayed], bar, *, desc: str, drain_time
     def window() -> int:
         # Sized on the threads the cluster may have, not only those up now: adaptive scaling
         # starts jobs for the work it sees queued, and jobs come and go.
-        return WINDOW_PER_WORKER * max(1, planned, sum(client.nthreads().values()))
+        return _window(max(1, planned, sum(client.nthreads().values())), chunks_per_task)
 
     pending = list(tasks)
     futures = [client.compute(t) for t in pending[: window()]]
@@ -134,7 +147,7 @@ def _execute_distributed(tasks: Sequence[Delayed], bar, *, desc: str, drain_time
                 completed.add(futures[-1])
     except WorkersLost as exc:
         client.cancel(futures)
-        raise exc.during(f"{written} of {len(tasks)} chunks of {desc} written") from None
+        raise exc.during(f"{written} of {len(tasks)} {unit}s of {desc} written") from None
     except Exception:
         client.cancel(futures)
         # The caller rolls the step back, and a cancelled task already running on a worker

@@ -6,7 +6,8 @@ Layout (``<output>/pystack3d_dask.zarr``)::
     /<step>/                attrs: hash, params, complete, zpos (output z positions),
                             alias (name of the step whose array is this step's result, when
                             the step leaves the images unchanged)
-    /<step>/<channel>       the result, (z, y, x) in the stack dtype, chunks (cz, Y, X)
+    /<step>/<channel>       the result, (z, y, x) in the stack dtype: chunks (cz, Y, X) of whole
+                            slices, grouped in shards of k chunks (sz = k * cz slices, one file)
     /<step>/_stats/<channel>  float64 (z, 7): raw min, max, mean; clipped min, max, mean; done
     /<step>/_extra/<channel>  (z, m): a per-slice table computed in the write pass, for steps
                             that declare one (e.g. the histograms after intensity_rescaling)
@@ -15,22 +16,35 @@ Layout (``<output>/pystack3d_dask.zarr``)::
 ``<step>`` is ``input`` for the ingested TIFFs.  ``<channel>`` is the channel
 folder name, ``_`` for ``"."``.
 
-Completion is tracked per chunk: the task that owns a chunk writes its data,
+The *write unit* of a result is its shard (format 3), or its chunk in an
+unsharded array (formats 1 and 2): one task writes one unit whole, from the
+step's chunks, and the tables ``_stats`` and ``_extra`` are chunked by the
+unit, so the task owns every file it writes and never reads one back.  A
+result holds one image file and one statistics file per unit: a shard of a
+few hundred MiB instead of a chunk of 32 MiB divides the file count of a step
+by the chunks per shard (``Project(shard_mib=...)``).  Reads go by chunk.
+
+Completion is tracked per unit: the task that owns a unit writes its data,
 then its rows of the statistics array with ``done = 1``.  Zarr's local store
-writes every chunk atomically (temporary file then rename), so a chunk whose
+writes every file atomically (temporary file then rename), so a unit whose
 ``done`` flag is set is whole, and a run killed at any moment restarts on the
-chunks whose flag is missing.  The step is marked ``complete`` only when every
+units whose flag is missing.  The step is marked ``complete`` only when every
 flag is set.  A second run on the same store is refused through an OS lock
 (``fcntl.flock``) that dies with its process, so a killed run never leaves a
 stale lock.
 
-Integrity (format 2): every chunk ends with a CRC32C of its bytes (Zarr v3's
-``crc32c`` codec, last in the pipeline), and every chunk is written, even when
-it equals the fill value, so a missing chunk file is a loss, never "zeros".
-:meth:`ProjectStore.damage` checks cheaply (file listing and sizes) that an
-array is whole before it is used; :meth:`ProjectStore.verify_array` reads every
-chunk through its checksum.  Stores of format 1 (no checksums) open and run;
-only missing chunks are found in them, and arrays written later get checksums.
+Integrity (format 2 on): every chunk ends with a CRC32C of its bytes (Zarr v3's
+``crc32c`` codec, last in the pipeline; inside a shard, each chunk has its own
+and the shard's index has one too), and every chunk is written, even when it
+equals the fill value, so a missing chunk is a loss, never "zeros".
+:meth:`ProjectStore.damage` checks cheaply that an array is whole before it is
+used: every unit's file is listed and sized (its exact size is known without
+compression; with compression a shard's index is read and checked instead);
+:meth:`ProjectStore.verify_array` reads every chunk through its checksum.
+Stores of format 1 (no checksums) open and run; only missing chunks are found
+in them, and arrays written later get checksums.  Stores of formats 1 and 2
+keep their unsharded layout (it is chosen at ingest, see the engine) until the
+input is ingested again.
 
 A step's new result is written beside the old one, in the group
 ``<step>~new``, and swapped in by two directory renames once complete
@@ -44,20 +58,22 @@ group forgets them all.  One instance serves one run, under the run lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import functools
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
 
 from pystack3d_dask.checksum import PooledCrc32cCodec
 from pystack3d_dask.errors import DamagedError, DiskFullError, StoreError
@@ -68,7 +84,7 @@ da = lazy_module("dask.array")
 
 STORE_NAME = "pystack3d_dask.zarr"
 LOCK_NAME = ".pystack3d_dask.lock"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 INPUT = "input"
 #: suffixes of a step's group being written (``~new``) and of the old one during the swap (``~old``)
 NEW, OLD = "~new", "~old"
@@ -88,6 +104,14 @@ CHECKSUM = (PooledCrc32cCodec(),)
 #: write every chunk: zarr's default compares each chunk with the fill value first, which costs
 #: more than the write itself here, and an all-zero chunk (an empty border) is still a result
 ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def shard_slices(shape: tuple[int, ...], dtype: Any, cz: int, *, target_mib: float) -> int:
+    """Slices per shard: whole chunks of ``cz`` slices, about ``target_mib`` MiB (at least one chunk,
+    at most the stack)."""
+    chunk_bytes = cz * int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+    k = max(1, int(target_mib * 2**20 // max(chunk_bytes, 1)))
+    return cz * min(k, -(-shape[0] // cz))
 
 
 def channel_key(channel: str) -> str:
@@ -149,14 +173,40 @@ def _open_cached(store_path: str, node: str, mode: str, stamp: int | None) -> za
     return zarr.open_array(store_path, path=node, mode=mode).with_config(ARRAY_CONFIG)
 
 
-def write_block(raw: np.ndarray, store_path: str, node: str, start: int,
-                reduction: Callable[[np.ndarray], np.ndarray] | None = None) -> int:
-    """Write one chunk of a step's result and its statistics; the chunk's unit of completion.
+@dataclasses.dataclass
+class Block:
+    """A chunk of a step's result ready to write: cast to the array's dtype, with its table rows."""
 
-    ``raw`` is the step's output for slices ``start:start+len(raw)`` in any
-    dtype; it is clipped and cast to the array's dtype and written; then the
-    step's ``reduction`` of the written chunk (if any), and last the per-slice
-    statistics (raw and clipped) with their ``done`` flags.
+    #: the slices in the array's dtype
+    data: np.ndarray
+    #: ``(slices, 7)`` statistics rows (see :data:`STATS_COLUMNS`), done flags set
+    table: np.ndarray
+    #: the step's write-pass reduction of ``data``, or None
+    extra: np.ndarray | None
+
+
+def prepare_block(raw: np.ndarray, *, dtype: Any, reduction: Callable[[np.ndarray], np.ndarray] | None = None
+                  ) -> Block:
+    """Clip and cast ``raw`` (a step's output, any dtype) to ``dtype``; its statistics and reduction.
+
+    Done in the task that computed the chunk, so that a write task gathering the
+    chunks of a shard holds them in the stored dtype (a float result is up to 8x larger).
+    """
+    out = clip_cast(raw, np.dtype(dtype))
+    raw_stats = slice_stats(raw)
+    out_stats = raw_stats if out is raw else slice_stats(out)  # no cast (e.g. ingest): one pass
+    table = np.column_stack([raw_stats, out_stats, np.ones(out.shape[0])])
+    return Block(out, table, None if reduction is None else reduction(out))
+
+
+def write_block(blocks: Sequence[np.ndarray | Block], store_path: str, node: str, start: int,
+                reduction: Callable[[np.ndarray], np.ndarray] | None = None) -> int:
+    """Write one unit (shard, or chunk of an unsharded array) of a step's result; the unit of completion.
+
+    ``blocks`` are the unit's consecutive chunks from slice ``start`` on: a
+    step's raw output (any dtype) or :class:`Block` made by :func:`prepare_block`.
+    The unit's data is written, then its write-pass reduction (if any), and last
+    the per-slice statistics (raw and clipped) with their ``done`` flags.
     Returns the number of slices written (for progress).
 
     Raises
@@ -165,19 +215,32 @@ def write_block(raw: np.ndarray, store_path: str, node: str, start: int,
         The disk is full or not writable (naming the folder and the space needed).
     """
     arr = _open_array(store_path, node)
-    out = clip_cast(raw, arr.dtype)
+    parts = [b if isinstance(b, Block) else prepare_block(b, dtype=arr.dtype, reduction=reduction) for b in blocks]
+    out = _concat([p.data for p in parts])
     stop = start + out.shape[0]
     try:
+        _remove_shards(arr, Path(store_path) / node, start, stop)
         arr[start:stop] = out
         if reduction is not None:
-            _open_array(store_path, extra_node(node))[start:stop] = reduction(out)
-        raw_stats = slice_stats(raw)
-        out_stats = raw_stats if out is raw else slice_stats(out)  # no cast (e.g. ingest): one pass
-        table = np.column_stack([raw_stats, out_stats, np.ones(out.shape[0])])
-        _open_array(store_path, stats_node(node))[start:stop] = table
+            _open_array(store_path, extra_node(node))[start:stop] = _concat([p.extra for p in parts])
+        _open_array(store_path, stats_node(node))[start:stop] = _concat([p.table for p in parts])
     except OSError as exc:
-        raise write_error(exc, Path(store_path), out.nbytes, "a chunk") from None
+        raise write_error(exc, Path(store_path), out.nbytes, "a shard" if arr.shards else "a chunk") from None
     return out.shape[0]
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _remove_shards(arr: zarr.Array, folder: Path, start: int, stop: int) -> None:
+    # Zarr merges a write into the shard file already there, even when the write covers the
+    # whole shard: it reads it first, fails on a damaged one, and wastes the read on a sound one.
+    if arr.shards is None:
+        return
+    sz = arr.shards[0]
+    for i in range(start // sz, -(-stop // sz)):
+        (folder / arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))).unlink(missing_ok=True)
 
 
 def write_error(exc: OSError, folder: Path, nbytes: int, what: str = "this chunk") -> StoreError:
@@ -368,35 +431,54 @@ class ProjectStore:
         return f"{info.get('alias') or step}/{channel_key(channel)}"
 
     def create_result(self, step: str, channel: str, shape: tuple[int, ...], cz: int, dtype: Any,
-                      extra: tuple[int, Any] | None = None) -> str:
+                      extra: tuple[int, Any] | None = None, *, shard: int | None = None) -> str:
         """Create (or reuse, if identical) the result and statistics arrays; return the node name.
 
-        ``extra = (width, dtype)`` also creates the ``(z, width)`` array of a write-pass reduction.
+        ``shard``: slices per shard (a multiple of ``cz``), or None for an unsharded array
+        (one file per chunk, the layout of formats 1 and 2).  ``extra = (width, dtype)``
+        also creates the ``(z, width)`` array of a write-pass reduction.
         """
+        if shard is not None and (shard < cz or shard % cz):
+            raise ValueError(f"shard = {shard} is invalid: expected a multiple of the chunk's {cz} slices.")
         self._changed()
         node = f"{step}/{channel_key(channel)}"
         group = self.root.require_group(step)
         key = channel_key(channel)
         chunks = (cz,) + tuple(shape[1:])
+        shards = None if shard is None else (shard,) + tuple(shape[1:])
+        unit = shard or cz
         if key in group:
             arr = group[key]
-            if arr.shape == tuple(shape) and arr.chunks == chunks and arr.dtype == np.dtype(dtype):
+            if (arr.shape == tuple(shape) and arr.chunks == chunks and arr.shards == shards
+                    and arr.dtype == np.dtype(dtype)):
                 return node
             del group[key]
             for sub in ("_stats", "_extra"):
                 if sub in group and key in group[sub]:
                     del group[sub][key]
-        group.create_array(key, shape=tuple(shape), chunks=chunks, dtype=dtype,
+        group.create_array(key, shape=tuple(shape), chunks=chunks, shards=shards, dtype=dtype,
                            compressors=self.compressors + CHECKSUM, fill_value=0, config=ARRAY_CONFIG)
         group.require_group("_stats").create_array(
-            key, shape=(shape[0], len(STATS_COLUMNS)), chunks=(cz, len(STATS_COLUMNS)), dtype="f8",
+            key, shape=(shape[0], len(STATS_COLUMNS)), chunks=(unit, len(STATS_COLUMNS)), dtype="f8",
             fill_value=np.nan, compressors=CHECKSUM, config=ARRAY_CONFIG,
         )
         if extra is not None:
             group.require_group("_extra").create_array(
-                key, shape=(shape[0], extra[0]), chunks=(cz, extra[0]), dtype=extra[1], fill_value=0,
+                key, shape=(shape[0], extra[0]), chunks=(unit, extra[0]), dtype=extra[1], fill_value=0,
                 compressors=self.compressors + CHECKSUM, config=ARRAY_CONFIG)
         return node
+
+    def shard_slices(self, node: str) -> int | None:
+        """Slices per shard of the result array ``node``; None when it is unsharded."""
+        shards = self.root[node].shards
+        return None if shards is None else shards[0]
+
+    def unit_name(self, node: str) -> str:
+        """What a write unit of ``node`` is, for messages: "shard", "chunk" (unsharded), "unit" (images gone)."""
+        try:
+            return "chunk" if self.shard_slices(node) is None else "shard"
+        except KeyError:  # images discarded (keep='last'): the tables remain
+            return "unit"
 
     # -- reading -------------------------------------------------------------------------------------
     def array(self, node: str) -> zarr.Array:
@@ -421,12 +503,11 @@ class ProjectStore:
             return None
         return StoredArray(str(self.path), extra_node(node))[:]
 
-    def done_chunks(self, node: str) -> np.ndarray:
-        """Boolean per z chunk of ``node``: True when the chunk is written."""
-        arr = self.root[node]
+    def done_units(self, node: str) -> np.ndarray:
+        """Boolean per write unit of ``node`` (shard, or chunk when unsharded): True when it is written."""
         done = self.stats(node)[:, -1] == 1
-        cz = arr.chunks[0]
-        return np.array([done[i : i + cz].all() for i in range(0, arr.shape[0], cz)], bool)
+        unit = self.root[stats_node(node)].chunks[0]
+        return np.array([done[i : i + unit].all() for i in range(0, done.size, unit)], bool)
 
     # -- integrity -----------------------------------------------------------------------------------
     def _arrays_of(self, node: str, images: bool) -> list[str]:
@@ -437,9 +518,9 @@ class ProjectStore:
         return names
 
     def damage(self, node: str, *, images: bool = True) -> dict[int | None, str]:
-        """Cheap check that ``node`` and its tables are whole: chunk files listed and sized.
+        """Cheap check that ``node`` and its tables are whole: unit files listed and sized.
 
-        Returns ``{z chunk index: what is wrong}``; the key ``None`` when an
+        Returns ``{write unit index: what is wrong}``; the key ``None`` when an
         array's metadata is unreadable (the whole step must be recomputed).
         ``images=False`` checks the tables only (images discarded by ``keep='last'``).
         """
@@ -450,51 +531,60 @@ class ProjectStore:
             except Exception as exc:
                 bad[None] = f"{name}: metadata unreadable ({exc})"
                 continue
-            bytes_codecs = arr.metadata.codecs[1:]  # codecs[0] turns the array into bytes
-            size = None  # unknown when compressed
-            if all(isinstance(c, Crc32cCodec) for c in bytes_codecs):
-                size = int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4 * len(bytes_codecs)
+            what = "shard" if arr.shards is not None else "chunk"
+            outer = arr.metadata.chunk_grid.chunk_shape  # a file: the shard, or the chunk when unsharded
             encode = arr.metadata.chunk_key_encoding.encode_chunk_key
-            for idx in np.ndindex(*arr.cdata_shape):
+            for idx in np.ndindex(*(-(-n // c) for n, c in zip(arr.shape, outer))):
+                path = self.path / name / encode(idx)
                 try:
-                    found = os.stat(self.path / name / encode(idx)).st_size
+                    found = os.stat(path).st_size
                 except FileNotFoundError:
-                    bad.setdefault(idx[0], f"{name} chunk {idx[0]}: missing")
+                    bad.setdefault(idx[0], f"{name} {what} {idx[0]}: missing")
                     continue
-                if size is not None and found != size:
-                    bad.setdefault(idx[0], f"{name} chunk {idx[0]}: {found} bytes, expected {size}")
+                problem = (_chunk_problem(arr, found) if arr.shards is None
+                           else _shard_problem(arr, idx, path, found))
+                if problem:
+                    bad.setdefault(idx[0], f"{name} {what} {idx[0]}: {problem}")
         return bad
 
     def has_checksums(self, node: str) -> bool:
         """True when the chunks of ``node`` end with a checksum (arrays of format 1 do not)."""
-        return any(isinstance(c, Crc32cCodec) for c in self.root[node].metadata.codecs)
+        codecs = self.root[node].metadata.codecs
+        inner = codecs[0].codecs if isinstance(codecs[0], ShardingCodec) else codecs  # a shard's chunk codecs
+        return any(isinstance(c, Crc32cCodec) for c in inner)
 
     def verify_array(self, node: str, *, images: bool = True, workers: int = 1) -> dict[int | None, str]:
-        """:meth:`damage`, then every chunk of ``node`` and its tables read through its checksum."""
+        """:meth:`damage`, then every chunk of ``node`` and its tables read through its checksum.
+
+        Keys are write units, as in :meth:`damage`; a chunk of a shard is read alone, so
+        that memory stays one chunk per worker and the message names the chunk.
+        """
         bad = self.damage(node, images=images)
         if None in bad:
             return bad
-        names = self._arrays_of(node, images)
+        unit = self.root[stats_node(node)].chunks[0]
+        jobs = []
+        for name in self._arrays_of(node, images):
+            arr = self.root[name]
+            cz = arr.chunks[0]
+            jobs += [(name, i, cz, arr.shards is not None) for i in range(arr.cdata_shape[0])
+                     if i * cz // unit not in bad]
 
-        def read(name: str, i: int) -> tuple[int, str] | None:
-            src = StoredArray(str(self.path), name)
-            cz = src.chunks[0]
+        def read(name: str, i: int, cz: int, sharded: bool) -> tuple[int, str] | None:
             try:
-                src[i * cz : (i + 1) * cz]
+                StoredArray(str(self.path), name)[i * cz : (i + 1) * cz]
             except DamagedError as exc:
-                return i, f"{name} chunk {i}: {exc.reason}"
+                where = f"shard {i * cz // unit}, chunk {i}" if sharded else f"chunk {i}"
+                return i * cz // unit, f"{name} {where}: {exc.reason}"
             return None
 
-        nz = self.root[stats_node(node)].cdata_shape[0]
         with ThreadPoolExecutor(workers) as pool:
-            found = pool.map(lambda job: read(*job), [(n, i) for n in names for i in range(nz) if i not in bad])
-            for hit in found:
+            for hit in pool.map(lambda job: read(*job), jobs):
                 if hit is not None:
                     bad.setdefault(*hit)
-        done = self.done_chunks(node) if images else None
-        if done is not None:
-            for i in np.flatnonzero(~done):
-                bad.setdefault(int(i), f"{stats_node(node)} chunk {i}: not marked done")
+        if images:
+            for i in np.flatnonzero(~self.done_units(node)):
+                bad.setdefault(int(i), f"{stats_node(node)} {self.unit_name(node)} {i}: not marked done")
         return bad
 
     def record_damage(self, exc: DamagedError) -> None:
@@ -508,13 +598,13 @@ class ProjectStore:
         node = f"{parts[0]}/{parts[-1]}"
         self.mark_undone(parts[0], node, [exc.start // self.root[stats_node(node)].chunks[0]])
 
-    def mark_undone(self, step: str, node: str, chunks: Iterable[int]) -> None:
-        """Record damaged z chunks of ``node``: their done flags cleared, ``step`` incomplete."""
+    def mark_undone(self, step: str, node: str, units: Iterable[int]) -> None:
+        """Record damaged write units of ``node``: their done flags cleared, ``step`` incomplete."""
         table = self.root[stats_node(node)].with_config(ARRAY_CONFIG)
-        cz = table.chunks[0]
-        for i in chunks:
-            rows = min(cz, table.shape[0] - i * cz)
-            table[i * cz : i * cz + rows] = np.full((rows, table.shape[1]), np.nan)  # rewrites a bad chunk too
+        unit = table.chunks[0]
+        for i in units:
+            rows = min(unit, table.shape[0] - i * unit)
+            table[i * unit : i * unit + rows] = np.full((rows, table.shape[1]), np.nan)  # rewrites a bad chunk too
         self.set_info(step, complete=False)
 
     # -- state ----------------------------------------------------------------------------------
@@ -557,6 +647,49 @@ class ProjectStore:
         for name, _ in sub.arrays():
             state[name] = StoredArray(str(self.path), f"{step}/_state/{key}/{name}")[...]
         return state
+
+
+def _encoded_size(codecs: Iterable[Any], nbytes: int) -> int | None:
+    """Bytes that ``nbytes`` of array bytes take after the bytes-to-bytes ``codecs``; None if compressed."""
+    for codec in codecs:
+        if not codec.is_fixed_size:
+            return None
+        nbytes = codec.compute_encoded_size(nbytes, None)
+    return nbytes
+
+
+def _chunk_problem(arr: zarr.Array, found: int) -> str | None:
+    """What is wrong with a chunk file of ``found`` bytes of an unsharded array (size known uncompressed)."""
+    size = _encoded_size(arr.metadata.codecs[1:], int(np.prod(arr.chunks)) * arr.dtype.itemsize)
+    return None if size is None or found == size else f"{found} bytes, expected {size}"
+
+
+def _shard_problem(arr: zarr.Array, idx: tuple[int, ...], path: Path, found: int) -> str | None:
+    """What is wrong with the shard file ``idx`` of ``found`` bytes: its size, or else its index."""
+    codec = arr.metadata.codecs[0]
+    per_shard = int(np.prod([s // c for s, c in zip(arr.shards, arr.chunks)]))
+    # the chunks of this shard inside the array: a shard at the end holds fewer
+    present = int(np.prod([-(-min(s, n - i * s) // c) for n, s, c, i in zip(arr.shape, arr.shards, arr.chunks, idx)]))
+    index_size = _encoded_size(codec.index_codecs[1:], 16 * per_shard)
+    chunk_size = _encoded_size(codec.codecs[1:], int(np.prod(arr.chunks)) * arr.dtype.itemsize)
+    if chunk_size is not None and index_size is not None:
+        size = present * chunk_size + index_size
+        return None if found == size else f"{found} bytes, expected {size}"
+    if ([type(c) for c in codec.index_codecs] != [BytesCodec, Crc32cCodec]
+            or codec.index_location != ShardingCodecIndexLocation.end):
+        return None  # an index layout we did not write: the full read of verify checks it
+    if found < index_size:
+        return f"{found} bytes, less than its index"
+    with open(path, "rb") as fh:
+        fh.seek(found - index_size)
+        tail = fh.read()
+    if np.uint32(google_crc32c.value(tail[:-4])).tobytes() != tail[-4:]:
+        return "its index fails its checksum"
+    table = np.frombuffer(tail[:-4], "<u8").reshape(-1, 2)
+    used = table[:, 0] != 2**64 - 1
+    if used.sum() != present or (table[used].sum(axis=1) > found - index_size).any():
+        return f"its index lists {int(used.sum())} chunks of {present}, or bytes past its end"
+    return None
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,5 +1,5 @@
-"""The whole chain through the engine: every step's stored result is the same for any chunking
-and scheduler (the steps' own tests check this step by step on bare arrays)."""
+"""The whole chain through the engine: every step's stored result is the same for any chunking,
+sharding and scheduler (the steps' own tests check this step by step on bare arrays)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pystack3d_dask.engine import Project
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, local_cluster):
     out = {}
-    variants = {"1": {"chunk_slices": 1}, "7": {"chunk_slices": 7}, "all": {"chunk_slices": 1000},
-                "cluster": {"chunk_slices": 5, "cluster": local_cluster.scheduler_address}}
+    # shards of 1 chunk, of 2 (the last shard short), of the whole stack; 3 on a cluster
+    variants = {"1": {"chunk_slices": 1, "shard_chunks": 1}, "7": {"chunk_slices": 7, "shard_chunks": 2},
+                "all": {"chunk_slices": 1000},
+                "cluster": {"chunk_slices": 5, "shard_chunks": 3, "cluster": local_cluster.scheduler_address}}
     for name, kwargs in variants.items():
         toml, _ = write_demo_project(tmp_path_factory.mktemp(f"chain{name}"), shape=(36, 48, 48))
         project = Project(toml, quiet=True, **kwargs)

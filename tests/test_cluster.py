@@ -94,12 +94,12 @@ def test_quiet_run_on_a_local_cluster_prints_nothing(tmp_path, capfd):
     assert capfd.readouterr().err == ""
 
 
-def test_no_worker_stops_the_run_and_keeps_the_chunks(tmp_path):
+def test_no_worker_stops_the_run_and_keeps_the_shards(tmp_path):
     write_slices(tmp_path, random_stack((6, 16, 16)))
     write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\narea = [0, 8, 0, 8]\n')
     with LocalCluster(n_workers=0, dashboard_address=":0") as empty:
         cluster = {"type": "address", "address": empty.scheduler_address, "no_worker_timeout": 2}
-        with pytest.raises(WorkersLost, match=r"^no worker left; 0 of 6 chunks of ingest written; run again "
+        with pytest.raises(WorkersLost, match=r"^no worker left; 0 of 3 shards of ingest written; run again "
                                               r"to resume \(no worker for 2 s: \[cluster\] no_worker_timeout\)$"):
-            Project(tmp_path, quiet=True, chunk_slices=1, cluster=cluster).run()
+            Project(tmp_path, quiet=True, chunk_slices=1, shard_chunks=2, cluster=cluster).run()
     assert (tmp_path / STORE_NAME).exists(), "a stopped run is not an error: its store stays"

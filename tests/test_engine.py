@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
+import zarr
 from conftest import random_stack, tree_digest, write_params, write_slices
 
 from pystack3d_dask.engine import Project
@@ -70,20 +71,27 @@ def test_multichannel_chain_exact(tmp_path, dtype):
     np.testing.assert_allclose(project.zpos("cropping_final"), np.arange(13) * 0.01)
 
 
-def test_results_do_not_depend_on_chunking_or_scheduler(tmp_path, local_cluster):
+def test_results_do_not_depend_on_chunking_sharding_or_scheduler(tmp_path, local_cluster):
     runs = {}
-    for name, kwargs in {"1": dict(chunk_slices=1), "5": dict(chunk_slices=5), "all": dict(chunk_slices=13),
-                         "zstd": dict(chunk_slices=5, compression="zstd"),
-                         "local": dict(chunk_slices=3, cluster={"type": "local", "n_workers": 2,
-                                                                 "memory_limit": "1GiB"}),
-                         "cluster": dict(chunk_slices=4, cluster=local_cluster.scheduler_address)}.items():
+    # shards: of the whole stack (the default for small stacks), of several chunks (the last one
+    # short), of one chunk; unsharded (the layout of stores of format 1 and 2)
+    for name, kwargs, shard in [("1", dict(chunk_slices=1), 13), ("5", dict(chunk_slices=5, shard_chunks=2), 10),
+                                ("all", dict(chunk_slices=13), 13),
+                                ("unsharded", dict(chunk_slices=5, shard_mib=0), None),
+                                ("zstd", dict(chunk_slices=5, compression="zstd", shard_chunks=2), 10),
+                                ("local", dict(chunk_slices=3, shard_chunks=2, cluster={
+                                    "type": "local", "n_workers": 2, "memory_limit": "1GiB"}), 6),
+                                ("cluster", dict(chunk_slices=4, shard_chunks=1,
+                                                 cluster=local_cluster.scheduler_address), 4)]:
         folder = tmp_path / name
         make_project(folder)
         project = Project(folder, quiet=True, **kwargs)
         project.run()
-        assert project.result("input", "A").chunks[0][0] == kwargs["chunk_slices"]
+        for step in ("input", "cropping", "cropping_final"):
+            arr = zarr.open_array(project.store_path, path=f"{step}/A", mode="r")
+            assert arr.chunks[0] == kwargs["chunk_slices"] and (arr.shards and arr.shards[0]) == shard
         runs[name] = store_content(project)
-    for name in ("5", "all", "zstd", "local", "cluster"):
+    for name in ("5", "all", "unsharded", "zstd", "local", "cluster"):
         assert_same(runs["1"], runs[name])
 
 

@@ -27,19 +27,29 @@ area = [1, 99999, 0, 99999]
 area = [0, 30, 2, 40]
 """
 CZ = 4
+#: store layouts: 18 slices in chunks of 4 make 5 chunks (the last one short); shards of 2 chunks
+#: make 3 shards (8, 8 and 2 slices); unsharded, the layout of formats 1 and 2, one file per chunk
+LAYOUTS = {"sharded": dict(shard_chunks=2), "zstd": dict(shard_chunks=2, compression="zstd"),
+           "unsharded": dict(shard_mib=0)}
 
 
 @pytest.fixture
-def project(tmp_path):
-    """A complete project (cz = 4, 18 slices: 5 chunks, the last one short) and its store's digest."""
+def project(tmp_path, request):
+    """A complete project (a layout of :data:`LAYOUTS`, sharded by default) and its store's digest."""
     write_slices(tmp_path, random_stack((18, 48, 40)))
     write_params(tmp_path, PARAMS)
-    Project(tmp_path, quiet=True, chunk_slices=CZ).run()
+    Project(tmp_path, quiet=True, chunk_slices=CZ, **LAYOUTS[getattr(request, "param", "sharded")]).run()
     return tmp_path, tree_digest(tmp_path / STORE_NAME)
 
 
-def chunk(folder, node, i):
+def unit_file(folder, node, i):
+    """The file of write unit ``i`` (a shard, or a chunk when unsharded) of ``node``."""
     return folder / STORE_NAME / node / "c" / str(i) / "0" / "0"
+
+
+def unit_slices(folder):
+    """Slices per write unit of the project's store: 8 sharded, 4 unsharded."""
+    return zarr.open_array(folder / STORE_NAME, path="input/_stats/_", mode="r").chunks[0]
 
 
 def run(folder):
@@ -53,55 +63,75 @@ def cli_lines(capsys, *argv):
     return code, out.out.strip().splitlines(), out.err.strip().splitlines()
 
 
-# -- 1. a damaged store is found before it is used, and repaired chunk by chunk ----------------------
+# -- 1. a damaged store is found before it is used, and repaired shard by shard ----------------------
+@pytest.mark.parametrize("project", list(LAYOUTS), indirect=True)
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
-def test_missing_or_truncated_chunk_is_found_and_only_it_recomputed(project, damage, capsys):
+def test_missing_or_truncated_unit_is_found_and_only_it_recomputed(project, damage, capsys):
     folder, before = project
-    path = chunk(folder, "cropping/_", 2)
+    unit = unit_slices(folder)
+    what = "chunk" if unit == CZ else "shard"
+    path = unit_file(folder, "cropping/_", 1)
     if damage == "deleted":
         path.unlink()
-    else:
+    else:  # a compressed shard's size is unknown: its index, at the end, is cut
         path.write_bytes(path.read_bytes()[:-100])
-    assert Project(folder).info()["steps"]["cropping"]["status"].startswith(f"damaged: cropping/_ chunk 2:")
-    with pytest.raises(StoreError, match=r"step 'cropping' .* is damaged \(cropping/_ chunk 2"):
+    assert Project(folder).info()["steps"]["cropping"]["status"].startswith(f"damaged: cropping/_ {what} 1:")
+    with pytest.raises(StoreError, match=rf"step 'cropping' .* is damaged \(cropping/_ {what} 1"):
         Project(folder).result("cropping")
     code, _, err = cli_lines(capsys, "export", str(folder), "--step", "cropping", str(folder / "out"))
     assert code == 2 and len(err) == 1 and "is damaged" in err[0] and not (folder / "out").exists()
     report = run(folder)
-    assert report.computed == {"cropping": CZ} and "cropping: cropping/_ chunk 2" in report.messages[0]
+    assert report.computed == {"cropping": unit} and f"cropping: cropping/_ {what} 1" in report.messages[0]
+    assert f"recomputing 1 {what}(s)" in report.messages[0]
     assert report.skipped == ["input", "registration_calculation", "cropping_final"]
     assert tree_digest(folder / STORE_NAME) == before
 
 
+@pytest.mark.parametrize("project", ["sharded", "unsharded"], indirect=True)
 def test_corrupted_chunk_is_caught_by_its_checksum_then_verify_and_run_repair_it(project, capsys):
     folder, before = project
-    path = chunk(folder, "input/_", 1)
+    unit = unit_slices(folder)
+    path = unit_file(folder, "input/_", 1)  # its first chunk: slices unit:unit + 4
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF  # same size: only the checksum sees it
     path.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match=r"input/_ slices 4:8 in .* cannot be read \(Stored and computed checksum"):
+    with pytest.raises(StoreError, match=rf"input/_ slices {unit}:{unit + CZ} in .* cannot be read \(Stored and "
+                                         "computed checksum"):
         Project(folder).result("input").compute()
     code, out, _ = cli_lines(capsys, "verify", str(folder))
-    assert code == 1 and out[0].startswith("damaged: input [.] input/_ chunk 1: Stored and computed checksum")
+    where = "chunk 1" if unit == CZ else "shard 1, chunk 2"
+    assert code == 1 and out[0].startswith(f"damaged: input [.] input/_ {where}: Stored and computed checksum")
     report = run(folder)
-    assert report.computed == {"input": CZ} and report.done == ["input"]
+    assert report.computed == {"input": unit} and report.done == ["input"]
     assert tree_digest(folder / STORE_NAME) == before
     code, out, _ = cli_lines(capsys, "verify", str(folder))
     assert code == 0 and "every stored chunk matches" in out[0]
 
 
+def test_damaged_shard_index_is_found_by_verify(project, capsys):
+    folder, before = project
+    path = unit_file(folder, "cropping/_", 0)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01  # in the index: the shard's size is right, its chunks are sound
+    path.write_bytes(bytes(data))
+    code, out, _ = cli_lines(capsys, "verify", str(folder))
+    assert code == 1 and out[0].startswith("damaged: cropping [.] cropping/_ shard 0, chunk 0: Stored and computed")
+    assert run(folder).computed == {"cropping": 8}
+    assert tree_digest(folder / STORE_NAME) == before
+
+
 def test_a_run_that_reads_a_corrupted_chunk_marks_it_and_the_next_run_repairs_it(project):
     folder, before = project
-    path = chunk(folder, "cropping/_", 3)
+    path = unit_file(folder, "cropping/_", 1)  # the shard of slices 8:16
     data = bytearray(path.read_bytes())
     data[7] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match=r"^cropping/_ \(from slice 12\) in .* cannot be read \(Stored and "
+    with pytest.raises(StoreError, match=r"^cropping/_ \(from slice 8\) in .* cannot be read \(Stored and "
                                          r"computed checksum do not match.*\): it is marked for recomputation; "
                                          r"run again to recompute it.$"):
         Project(folder, quiet=True, chunk_slices=CZ).run(force=["cropping_final"])
     report = run(folder)
-    assert report.computed == {"cropping": CZ}  # the forced step failed: its old result stays
+    assert report.computed == {"cropping": 8}  # the forced step failed: its old result stays
     assert tree_digest(folder / STORE_NAME) == before
 
 
@@ -249,9 +279,9 @@ def test_disk_full_is_one_line_and_the_rerun_resumes(project, monkeypatch, capsy
     write_params(folder, PARAMS.replace("[1, 99999", "[2, 99999"))
     put, calls = local._put, []
 
-    def full(path, value, exclusive=False):  # the disk fills up at the third chunk of cropping
+    def full(path, value, exclusive=False):  # the disk fills up at the second shard of cropping (8 slices)
         calls.append("cropping~new/_/c/" in str(path))
-        if sum(calls) >= 3:
+        if sum(calls) >= 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         return put(path, value, exclusive)
 
@@ -260,12 +290,12 @@ def test_disk_full_is_one_line_and_the_rerun_resumes(project, monkeypatch, capsy
     code, _, err = cli_lines(capsys, "-q", "run", str(folder), "--chunk-mib", "0.0075")  # 4 slices: 4 x 48 x 38 B
     assert code == 2 and len(err) == 1
     assert err[0].startswith(f"error: the disk holding {folder / STORE_NAME} is full: ")
-    assert err[0].endswith("a chunk needs 7.1 KiB; free some space and run again to resume.")
+    assert err[0].endswith("a shard needs 14.2 KiB; free some space and run again to resume.")  # 2 chunks
     monkeypatch.setattr(local, "_put", put)
     done = {k: v for k, v in tree_digest(folder / STORE_NAME).items() if "~new" not in k}
     assert done == before  # the complete results are untouched; written chunks wait in cropping~new
     entry = Project(folder).info()["steps"]["cropping"]
-    assert entry["status"] == "complete" and re.fullmatch(r"being computed \(\d/5 chunks\): run again to finish it",
+    assert entry["status"] == "complete" and re.fullmatch(r"being computed \(\d/3 shards\): run again to finish it",
                                                           entry["next"])
     report = Project(folder, quiet=True, chunk_slices=CZ).run()
     assert 0 < report.computed["cropping"] < 18  # resumed
@@ -275,6 +305,31 @@ def test_disk_full_is_one_line_and_the_rerun_resumes(project, monkeypatch, capsy
 
 
 # -- 4. change detection that users can trust ----------------------------------------------------
+def test_a_store_of_format_2_keeps_its_layout_until_the_input_is_ingested_again(tmp_path):
+    write_slices(tmp_path, random_stack((18, 48, 40)))
+    write_params(tmp_path, PARAMS)
+    Project(tmp_path, quiet=True, chunk_slices=CZ, shard_mib=0).run(["cropping"])
+    root = zarr.open_group(tmp_path / STORE_NAME, mode="r+")
+    root.attrs["pystack3d_dask"] = {**root.attrs["pystack3d_dask"], "format": 2}  # as format 2 wrote it
+
+    def shards():
+        return {step: zarr.open_array(tmp_path / STORE_NAME, path=f"{step}/_", mode="r").shards
+                for step in ("input", "cropping", "cropping_final")}
+
+    report = run(tmp_path)
+    assert report.skipped == ["input", "cropping"] and report.done == ["registration_calculation", "cropping_final"]
+    assert set(shards().values()) == {None}
+    before = tree_digest(tmp_path / STORE_NAME)
+    with pytest.raises(InputError, match=r"\(shards of 8 slices, unsharded at ingest \(shard size options\)\)"):
+        Project(tmp_path, quiet=True, chunk_slices=CZ, shard_chunks=2).run()
+    assert tree_digest(tmp_path / STORE_NAME) == before
+    final = Project(tmp_path).result("cropping_final").compute()
+    report = Project(tmp_path, quiet=True, chunk_slices=CZ, shard_chunks=2).run(force=["input"])
+    assert report.done == ["input", "cropping", "registration_calculation", "cropping_final"]
+    assert shards() == {"input": (8, 48, 40), "cropping": (8, 48, 39), "cropping_final": (8, 38, 30)}
+    np.testing.assert_array_equal(Project(tmp_path).result("cropping_final").compute(), final)
+
+
 def test_ind_max_past_the_end_changes_nothing(project):
     folder, before = project
     write_params(folder, "ind_max = 99999\n" + PARAMS)

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during a run: one line, exit 130 / 143, written chunks kept, no process left."""
+"""Ctrl-C and SIGTERM during a run: one line, exit 130 / 143, written shards kept, no process left."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ transformation = "AFFINE"
 RUNNER = "import sys{imports}; from pystack3d_dask.cli import entry; entry()"
 
 
-def done_chunks(project: Path, step: str) -> int:
-    """Chunks of ``step`` whose statistics (written last, with the done flag) are on disk.
+def done_shards(project: Path, step: str) -> int:
+    """Shards of ``step`` whose statistics (written last, with the done flag) are on disk.
 
     Counted in the group being written (``<step>~new``) until it is swapped in.
     """
@@ -41,14 +41,16 @@ def done_chunks(project: Path, step: str) -> int:
 
 def interrupt_run(project: Path, sig: int, *, step: str, cluster: str = "threads", imports: str = "",
                timeout: float = 240) -> tuple[subprocess.CompletedProcess, int, set[int]]:
-    """Run the CLI on ``project``, send ``sig`` once a chunk of ``step`` is written (or its pool is up).
+    """Run the CLI on ``project``, send ``sig`` once a shard of ``step`` is written (or its pool is up).
 
-    Returns the finished process, the chunks done when the signal was sent and the
+    Slices of 64² uint8 make chunks of 1 slice and shards of 2.  Returns the finished
+    process, the shards done when the signal was sent and the
     ids of every process the run started.
     """
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-c", RUNNER.format(imports=imports), "-q", "run", str(project), "--no-plots",
-           "--cluster", cluster, "--chunk-mib", "0.001"]
+           "--cluster", cluster, "--chunk-mib", "0.001",
+           "--shard-mib", "0.008"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parent, children = psutil.Process(proc.pid), set()
     deadline = time.monotonic() + timeout
@@ -58,11 +60,11 @@ def interrupt_run(project: Path, sig: int, *, step: str, cluster: str = "threads
             children |= {c.pid for c in parent.children(recursive=True)}
         except psutil.NoSuchProcess:
             break
-        if done_chunks(project, step) > 0 or (with_pool and len(children) >= 2):
+        if done_shards(project, step) > 0 or (with_pool and len(children) >= 2):
             break
         time.sleep(0.02)
     assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()}"
-    done = done_chunks(project, step)
+    done = done_shards(project, step)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), done, children
@@ -88,15 +90,15 @@ def _project(tmp_path: Path, name: str, stack: np.ndarray, params: str) -> Path:
     (signal.SIGTERM, "local", ""),
     (signal.SIGINT, "local", "; import dask_jobqueue"),
 ], ids=["sigint-threads", "sigterm-local", "sigint-after-dask_jobqueue"])
-def test_interrupted_run_keeps_its_chunks_and_resumes(tmp_path, sig, cluster, imports):
+def test_interrupted_run_keeps_its_shards_and_resumes(tmp_path, sig, cluster, imports):
     stack = random_stack((10, 64, 64), "uint8")
     project = _project(tmp_path, "run", stack, DESTRIPING)
     result, done, children = interrupt_run(project, sig, step="destriping", cluster=cluster, imports=imports)
     check_stopped(result, sig, children)
-    assert done >= 1 and done_chunks(project, "destriping") >= done, "written chunks were deleted"
-    assert done_chunks(project, "destriping") < len(stack), "the step ended before the signal: test proved nothing"
-    resumed = Project(project, quiet=True, chunk_mib=0.001).run()
-    assert resumed.computed["destriping"] < len(stack)  # only the missing chunks
+    assert done >= 1 and done_shards(project, "destriping") >= done, "written shards were deleted"
+    assert done_shards(project, "destriping") < 5, "the step ended before the signal: test proved nothing"
+    resumed = Project(project, quiet=True, chunk_mib=0.001).run()  # the store's layout
+    assert resumed.computed["destriping"] < len(stack)  # only the missing shards
     reference = Project(_project(tmp_path, "reference", stack, DESTRIPING), quiet=True, chunk_mib=0.001)
     reference.run()
     np.testing.assert_array_equal(Project(project).result("destriping").compute(),

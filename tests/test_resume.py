@@ -1,4 +1,4 @@
-"""A run killed with SIGKILL at any moment restarts on the missing chunks only, byte-identical."""
+"""A run killed with SIGKILL at any moment restarts on the missing shards only, byte-identical."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 import zarr
 from conftest import random_stack, write_params, write_slices
 
@@ -23,8 +24,11 @@ area = [1, 99999, 0, 99999]
 area = [0, 30, 2, 40]
 """
 
-# The child runs the project with every chunk write slowed down, so the parent can kill it
-# while chunks are being written; the engine itself is untouched.
+#: chunks of 1 slice in shards of 3 (20 shards of 60 slices), or unsharded (one file per slice)
+LAYOUTS = {"sharded": {"shard_chunks": 3}, "unsharded": {"shard_mib": 0}}
+
+# The child runs the project with every shard write slowed down, so the parent can kill it
+# while shards are being written; the engine itself is untouched.
 CHILD = textwrap.dedent("""
     import sys, time
     import pystack3d_dask.engine as engine
@@ -35,7 +39,7 @@ CHILD = textwrap.dedent("""
         return write_block(*args)
 
     engine.write_block = slow_write
-    engine.Project(sys.argv[1], chunk_slices=1, quiet=True).run()
+    engine.Project(sys.argv[1], chunk_slices=1, quiet=True, **{layout!r}).run()
 """)
 
 
@@ -60,14 +64,15 @@ def _kill_when(folder, step, at_least, proc):
     proc.wait()
 
 
-def test_sigkill_then_resume_is_byte_identical(tmp_path):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigkill_then_resume_is_byte_identical(tmp_path, layout):
     stack = random_stack((60, 48, 40))
     for name in ("killed", "clean"):
         write_slices(tmp_path / name, stack)
         write_params(tmp_path / name, PARAMS)
     folder = tmp_path / "killed"
     script = tmp_path / "child.py"
-    script.write_text(CHILD)
+    script.write_text(CHILD.replace("{layout!r}", repr(LAYOUTS[layout])))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
     # kill once during ingest, once during the first step
@@ -75,11 +80,12 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
         proc = subprocess.Popen([sys.executable, str(script), str(folder)], env=env)
         _kill_when(folder, step, 20 if step == "input" else 10, proc)
         done = _done_flags(folder, step)
-        assert 0 < done < 60, f"killed at {done} chunks of {step}: not mid-step"
-    report = Project(folder, chunk_slices=1, quiet=True).run()
-    assert report.computed["cropping"] == 60 - done  # only the chunks the killed run had not written
+        assert 0 < done < 60, f"killed at {done} slices of {step}: not mid-step"
+        assert done % (3 if layout == "sharded" else 1) == 0  # whole shards
+    report = Project(folder, chunk_slices=1, quiet=True).run()  # the store's layout
+    assert report.computed["cropping"] == 60 - done  # only the shards the killed run had not written
     assert report.computed["cropping_final"] == 60
-    Project(tmp_path / "clean", chunk_slices=1, quiet=True).run()
+    Project(tmp_path / "clean", chunk_slices=1, quiet=True, **LAYOUTS[layout]).run()
 
     def files(root):
         store = root / "pystack3d_dask.zarr"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import DESTRIPING, random_stack, write_params, write_slices
-from test_interrupt import check_stopped, done_chunks, interrupt_run
+from test_interrupt import check_stopped, done_shards, interrupt_run
 
 from pystack3d_dask.demo import write_demo_project
 from pystack3d_dask.engine import Project
@@ -138,20 +138,20 @@ def test_a_cancelled_job_is_replaced(tmp_path, empty_queue, capfd):
     def cancel_one_job_mid_step():
         while not cancelled:
             running = _jobs("R")
-            if len(running) == 2 and done_chunks(project, "destriping") >= 1:
+            if len(running) == 2 and done_shards(project, "destriping") >= 1:
                 subprocess.run(["scancel", running[0]], check=True)
                 cancelled.append(running[0])
             time.sleep(0.2)
 
     killer = threading.Thread(target=cancel_one_job_mid_step, daemon=True)
     killer.start()
-    Project(project, quiet=True, chunk_slices=1).run()
+    Project(project, quiet=True, chunk_slices=1, shard_chunks=1).run()
     killer.join(timeout=1)
     assert cancelled, "no job was cancelled: the test proved nothing"
     logs = {p.stem for p in (project / "pystack3d_dask_report" / "worker_logs").glob("*.err")}
     assert len(logs) >= 3, f"the cancelled job was not replaced: job logs {sorted(logs)}"
     assert "Traceback" not in capfd.readouterr().err
-    _assert_same_store(project, _threads_reference(tmp_path, project, chunk_slices=1))
+    _assert_same_store(project, _threads_reference(tmp_path, project, chunk_slices=1, shard_chunks=1))
 
 
 @pytest.mark.slow  # minutes, and its length follows the machine's load: out of CI's Slurm run
@@ -173,35 +173,35 @@ def test_no_worker_for_too_long_stops_with_one_error_and_resumes(tmp_path, empty
     stopped = []
 
     def end_every_job_when_busy():
-        while done_chunks(project, "destriping") < 2:
+        while done_shards(project, "destriping") < 2:
             time.sleep(0.2)
         # new jobs wait in the queue for ever: no worker comes back
         subprocess.run(["scontrol", "update", f"PartitionName={slurm}", "State=DOWN"], check=True)
         subprocess.run(["scancel", *_jobs()], check=True)
-        stopped.append(done_chunks(project, "destriping"))
+        stopped.append(done_shards(project, "destriping"))
 
     thread = threading.Thread(target=end_every_job_when_busy, daemon=True)
     thread.start()
     try:
-        with pytest.raises(WorkersLost, match=r"^all worker jobs ended; \d+ of 40 chunks of destriping written; "
+        with pytest.raises(WorkersLost, match=r"^all worker jobs ended; \d+ of 40 shards of destriping written; "
                                               r"run again to resume \(no worker for 10 s"):
-            Project(project, quiet=True, chunk_slices=1).run()
+            Project(project, quiet=True, chunk_slices=1, shard_chunks=1).run()
     finally:
         subprocess.run(["scontrol", "update", f"PartitionName={slurm}", "State=UP"], check=True)
         thread.join(timeout=5)
-    assert stopped and done_chunks(project, "destriping") >= stopped[0] > 0, "written chunks were lost"
+    assert stopped and done_shards(project, "destriping") >= stopped[0] > 0, "written shards were lost"
     assert not _wait_empty_queue(10), "the pending jobs were not cancelled"
     report = Project(project, quiet=True, chunk_slices=1).run()
     assert report.computed["destriping"] < 40  # the rerun resumed
-    _assert_same_store(project, _threads_reference(tmp_path, project, chunk_slices=1))
+    _assert_same_store(project, _threads_reference(tmp_path, project, chunk_slices=1, shard_chunks=1))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
-def test_signals_to_the_driver_cancel_the_jobs_and_keep_the_chunks(tmp_path, empty_queue, sig):
+def test_signals_to_the_driver_cancel_the_jobs_and_keep_the_shards(tmp_path, empty_queue, sig):
     project = _destriping_project(tmp_path / "run", 40, "n_workers = 2")
     result, done, children = interrupt_run(project, sig, step="destriping", cluster="slurm")
     check_stopped(result, sig, children)
     assert not _wait_empty_queue(10), "worker jobs were left in the queue"
-    assert 0 < done <= done_chunks(project, "destriping") < 40, "written chunks were deleted"
+    assert 0 < done <= done_shards(project, "destriping") < 40, "written shards were deleted"
     Project(project, quiet=True, chunk_mib=0.001, cluster="threads").run()
-    _assert_same_store(project, _threads_reference(tmp_path, project, chunk_mib=0.001))
+    _assert_same_store(project, _threads_reference(tmp_path, project, chunk_mib=0.001, shard_mib=0.008))
