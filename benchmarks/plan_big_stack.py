@@ -11,10 +11,12 @@ about graph and store sizes, not values); the states that need no data
 that refuses to run anything.
 
 Printed per step: output shape, tasks in the step's graph, graph build time
-(state included), write tasks (one per chunk), files the step adds to the store
-(a chunk file per result, statistics and write-pass table chunk), and the driver
-memory the graph takes (tracemalloc peak while building it); then the memory
-one task needs at the largest step (VSNR: about 13x the float32 slice).
+(state included), write tasks (one per shard, plus one per chunk casting it
+when a shard holds several), files the step adds to the store (a shard file
+per result, statistics and write-pass table; "unsharded": a file per chunk of
+each, as in stores of format 2), and the driver memory the graph takes
+(tracemalloc peak while building it); then the memory one task needs at the
+largest step (VSNR: about 13x the float32 slice).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pystack3d_dask.engine import CHUNK_MIB
+from pystack3d_dask.engine import CHUNK_MIB, SHARD_MIB
 from pystack3d_dask.project_config import load_config
 from pystack3d_dask.steps import get_step
 from pystack3d_dask.steps.base import StepContext, default_chunk_slices, run_step
+from pystack3d_dask.store import shard_slices
 
 CONFIG = Path(__file__).parents[1] / "configs" / "pystack3d_params.toml"
 #: z spacing of the plan's slices (micrometres)
@@ -48,11 +51,10 @@ def _refuse(*args, **kwargs):
     raise RuntimeError("the plan tried to compute data")
 
 
-def _lazy_input(folder: Path, name: str, shape: tuple[int, ...], dtype) -> da.Array:
-    cz = default_chunk_slices(shape, dtype, target_mib=CHUNK_MIB)
-    arr = zarr.create_array(folder / f"{name}.zarr", shape=shape, chunks=(cz,) + shape[1:], dtype=dtype,
-                            fill_value=0)
-    return da.from_zarr(arr, chunks=arr.chunks)
+def _lazy_input(folder: Path, name: str, shape: tuple[int, ...], dtype, cz: int, sz: int) -> da.Array:
+    arr = zarr.create_array(folder / f"{name}.zarr", shape=shape, chunks=(cz,) + shape[1:],
+                            shards=(sz,) + shape[1:], dtype=dtype, fill_value=0)
+    return da.from_zarr(arr, chunks=arr.chunks)  # by chunk, as the engine reads
 
 
 def _stretch(value, small: int, big: int):
@@ -75,11 +77,15 @@ def main(argv=None) -> None:
     small_states, big_states = {}, {}
     zpos = np.arange(shape[0]) * DZ
     gib = shape[1] * shape[2] * dtype.itemsize / 2**30 * shape[0]
-    print(f"{shape[0]} x {shape[1]} x {shape[2]} {dtype} ({gib:,.0f} GiB), chunks of about {CHUNK_MIB:g} MiB")
-    print(f"{'step':<29}{'output shape':>24}{'tasks':>9}{'build s':>9}{'writes':>8}{'files':>8}{'graph MiB':>11}")
+    cz = default_chunk_slices(shape, dtype, target_mib=CHUNK_MIB)
+    sz = shard_slices(shape, dtype, cz, target_mib=SHARD_MIB)
+    print(f"{shape[0]} x {shape[1]} x {shape[2]} {dtype} ({gib:,.0f} GiB), chunks of about {CHUNK_MIB:g} MiB "
+          f"({cz} slice(s)), shards of about {SHARD_MIB:g} MiB ({sz} slices)")
+    print(f"{'step':<29}{'output shape':>24}{'tasks':>9}{'build s':>9}{'writes':>8}{'files':>8}{'unsharded':>10}"
+          f"{'graph MiB':>11}")
     for name in cfg.process_steps:
         step, params = get_step(name), cfg.step_params[name]
-        x = _lazy_input(folder, name, shape, dtype)
+        x = _lazy_input(folder, name, shape, dtype, cz, sz)
         out_small, small_states[name] = run_step(step, small, zpos=np.arange(NSMALL) * DZ, previous=small_states,
                                                  **{f.name: getattr(params, f.name) for f in _fields(params)})
         small = out_small.compute()
@@ -99,12 +105,14 @@ def main(argv=None) -> None:
         tracemalloc.stop()
         big_states[name] = state
         if out is None:
-            print(f"{name:<29}{'(images unchanged)':>24}{0:9d}{build:9.2f}{0:8d}{0:8d}{peak:11.1f}")
+            print(f"{name:<29}{'(images unchanged)':>24}{0:9d}{build:9.2f}{0:8d}{0:8d}{0:10d}{peak:11.1f}")
             continue
         tasks = len(out.__dask_graph__())
-        writes = len(out.chunks[0])
-        files = writes * (2 + (step.write_reduction is not None))
-        print(f"{name:<29}{str(out.shape):>24}{tasks:9d}{build:9.2f}{writes:8d}{files:8d}{peak:11.1f}")
+        chunks, shards = -(-out.shape[0] // cz), -(-out.shape[0] // sz)
+        writes = shards + (chunks if sz > cz else 0)
+        tables = 2 + (step.write_reduction is not None)
+        print(f"{name:<29}{str(out.shape):>24}{tasks:9d}{build:9.2f}{writes:8d}{shards * tables:8d}"
+              f"{chunks * tables:10d}{peak:11.1f}")
         shape, zpos = out.shape, np.asarray(state.get("zpos", zpos), float)
     slice_mib = shape[1] * shape[2] * 4 / 2**20
     print(f"one float32 slice: {slice_mib:,.0f} MiB; a VSNR task needs about {13 * slice_mib / 1024:,.1f} GiB "
