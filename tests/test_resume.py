@@ -64,7 +64,7 @@ def _kill_when(folder, step, at_least, proc):
     proc.wait()
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", ["sharded", pytest.param("unsharded", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_is_byte_identical(tmp_path, layout):
     stack = random_stack((60, 48, 40))
     for name in ("killed", "clean"):

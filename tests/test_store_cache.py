@@ -73,16 +73,16 @@ def test_runs_swap_and_resume_through_the_cache(tmp_path):
     """A recomputed step is swapped in, a failed one leaves the old result, a resumed run finishes it."""
     write_slices(tmp_path, random_stack((6, 16, 12)))
     toml = write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\narea = [1, 99999, 0, 99999]\n')
-    project = Project(toml, chunk_slices=2, quiet=True)
+    project = Project(toml, chunk_slices=2, shard_chunks=1, quiet=True)
     project.run(plots=False)
     first = project.result("cropping").compute()
     write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\narea = [2, 99999, 0, 99999]\n')
-    project = Project(toml, chunk_slices=2, quiet=True)
+    project = Project(toml, chunk_slices=2, shard_chunks=1, quiet=True)
     assert project.run(plots=False).done == ["cropping"]
     assert project.result("cropping").shape[2] == first.shape[2] - 1
     assert project.run(plots=False).skipped == ["input", "cropping"]  # complete: read back from the store
     store = ProjectStore(project.store_path)
-    store.mark_undone("cropping", "cropping/_", [1])  # as verify does for a damaged chunk
+    store.mark_undone("cropping", "cropping/_", [1])  # as verify does for a damaged shard (of 2 slices)
     report = project.run(plots=False)
     assert report.done == ["cropping"] and report.computed["cropping"] == 2
     np.testing.assert_array_equal(project.result("cropping").compute(), first[:, :, 1:])
