@@ -675,7 +675,8 @@ def _shard_problem(arr: zarr.Array, idx: tuple[int, ...], path: Path, found: int
     if chunk_size is not None and index_size is not None:
         size = present * chunk_size + index_size
         return None if found == size else f"{found} bytes, expected {size}"
-    if ([type(c) for c in codec.index_codecs] != [BytesCodec, Crc32cCodec]
+    kinds = (BytesCodec, Crc32cCodec)
+    if (len(codec.index_codecs) != 2 or not all(isinstance(c, k) for c, k in zip(codec.index_codecs, kinds))
             or codec.index_location != ShardingCodecIndexLocation.end):
         return None  # an index layout we did not write: the full read of verify checks it
     if found < index_size:
