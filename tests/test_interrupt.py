@@ -54,7 +54,7 @@ def interrupt_run(project: Path, sig: int, *, step: str, cluster: str = "threads
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parent, children = psutil.Process(proc.pid), set()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
+    while proc.poll() is None:
         with_pool = step == "registration_calculation" and (project / STORE_NAME / f"{step}~new").exists()
         try:
             children |= {c.pid for c in parent.children(recursive=True)}
@@ -62,6 +62,9 @@ def interrupt_run(project: Path, sig: int, *, step: str, cluster: str = "threads
             break
         if done_shards(project, step) > 0 or (with_pool and len(children) >= 2):
             break
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{step} wrote no shard in {timeout:g} s: {proc.communicate()}")
         time.sleep(0.02)
     assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()}"
     done = done_shards(project, step)
@@ -70,13 +73,32 @@ def interrupt_run(project: Path, sig: int, *, step: str, cluster: str = "threads
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), done, children
 
 
-def check_stopped(result: subprocess.CompletedProcess, sig: int, children: set[int]) -> None:
+def _alive(pids: set[int]) -> list[psutil.Process]:
+    alive = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def check_stopped(result: subprocess.CompletedProcess, sig: int, children: set[int], *, grace: float = 60) -> None:
+    """The run ended as interrupted, and the processes it started end within ``grace`` seconds.
+
+    A worker that an ended run leaves behind is an orphan: it is either on its
+    way out (slow under load) or never ends, so the test waits for the ends
+    and fails after ``grace``.
+    """
     assert result.returncode == 128 + sig, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "interrupted; run again to resume", result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    time.sleep(1)  # processes that would outlive the run are orphans by now
-    alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"processes outlived the run: {[psutil.Process(p).cmdline() for p in alive]}"
+    deadline = time.monotonic() + grace
+    while (alive := _alive(children)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"processes outlived the run by {grace:g} s: {[p.cmdline() for p in alive]}"
 
 
 def _project(tmp_path: Path, name: str, stack: np.ndarray, params: str) -> Path:
@@ -91,14 +113,15 @@ def _project(tmp_path: Path, name: str, stack: np.ndarray, params: str) -> Path:
     (signal.SIGINT, "local", "; import dask_jobqueue"),
 ], ids=["sigint-threads", "sigterm-local", "sigint-after-dask_jobqueue"])
 def test_interrupted_run_keeps_its_shards_and_resumes(tmp_path, sig, cluster, imports):
-    stack = random_stack((10, 64, 64), "uint8")
+    stack = random_stack((24, 64, 64), "uint8")
     project = _project(tmp_path, "run", stack, DESTRIPING)
     result, done, children = interrupt_run(project, sig, step="destriping", cluster=cluster, imports=imports)
     check_stopped(result, sig, children)
-    assert done >= 1 and done_shards(project, "destriping") >= done, "written shards were deleted"
-    assert done_shards(project, "destriping") < 5, "the step ended before the signal: test proved nothing"
+    kept = done_shards(project, "destriping")
+    assert 1 <= done <= kept, "written shards were deleted"
     resumed = Project(project, quiet=True, chunk_mib=0.001).run()  # the store's layout
-    assert resumed.computed["destriping"] < len(stack)  # only the missing shards
+    # exactly the missing shards (2 slices each), however many the workers wrote after the signal
+    assert resumed.computed["destriping"] == len(stack) - 2 * kept
     reference = Project(_project(tmp_path, "reference", stack, DESTRIPING), quiet=True, chunk_mib=0.001)
     reference.run()
     np.testing.assert_array_equal(Project(project).result("destriping").compute(),
