@@ -133,26 +133,35 @@ def _execute_distributed(tasks: Sequence[Delayed], bar, *, desc: str, unit: str,
         return _window(max(1, planned, sum(client.nthreads().values())), chunks_per_task)
 
     pending = list(tasks)
-    futures = [client.compute(t) for t in pending[: window()]]
-    pending = pending[len(futures):]
+    # Only the writes in flight are held: a finished write's future is released at once, or
+    # a worker that leaves (walltime, scancel) would take its results with it and the
+    # scheduler would run those writes again (each new job redoing every write before it).
+    running, completed = set(), as_completed()
+
+    def fill_window() -> None:
+        size = window()
+        while pending and len(running) < size:
+            future = client.compute(pending.pop(0))
+            running.add(future)
+            completed.add(future)
+
     written = 0
     try:
-        completed = as_completed(futures)
+        fill_window()
         for future in completed:
             bar.update(future.result())
             written += 1
-            size = window()
-            while pending and len(futures) - written < size:  # keep the window full
-                futures.append(client.compute(pending.pop(0)))
-                completed.add(futures[-1])
+            running.discard(future)
+            future.release()
+            fill_window()
     except WorkersLost as exc:
-        client.cancel(futures)
+        client.cancel(list(running))
         raise exc.during(f"{written} of {len(tasks)} {unit}s of {desc} written") from None
     except Exception:
-        client.cancel(futures)
+        client.cancel(list(running))
         # The caller rolls the step back, and a cancelled task already running on a worker
         # still finishes: wait until none of ours is processing, so nothing writes after we return.
-        keys = {f.key for f in futures}
+        keys = {f.key for f in running}
         deadline = time.monotonic() + drain_timeout
         while time.monotonic() < deadline:
             busy = {k for ks in client.processing().values() for k in ks}
@@ -162,5 +171,5 @@ def _execute_distributed(tasks: Sequence[Delayed], bar, *, desc: str, unit: str,
         raise
     except BaseException:
         # An interruption keeps what is written (each chunk is written atomically): no need to wait.
-        client.cancel(futures)
+        client.cancel(list(running))
         raise
