@@ -34,9 +34,11 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import json
 import logging
 import math
 import re
+import shlex
 import signal
 import threading
 import time
@@ -188,12 +190,14 @@ def lifetime_args(walltime: str, cluster_type: str) -> list[str]:
     """Worker arguments that retire each worker gracefully before its job's walltime.
 
     The worker leaves between ``walltime - 1.5 m`` and ``walltime - 0.5 m``,
-    with ``m`` the smaller of 10 % of the walltime and 5 minutes (dask-jobqueue's
-    documented pattern: ``--lifetime`` shorter than the walltime, staggered so
-    that the workers do not all leave at once).
+    with ``m`` 10 % of the walltime, at least 15 s and at most 5 minutes
+    (dask-jobqueue's documented pattern: ``--lifetime`` shorter than the
+    walltime, staggered so that the workers do not all leave at once).  The
+    lifetime counts from the worker's start, seconds after the job's on a busy
+    node: the 15 s keep a short job's worker from outliving it.
     """
     total = walltime_seconds(walltime, cluster_type)
-    margin = min(0.1 * total, 300.0)
+    margin = min(max(0.1 * total, 15.0), 300.0, total / 4)
     return ["--lifetime", f"{int(total - margin)}s", "--lifetime-stagger", f"{int(margin / 2)}s"]
 
 
@@ -238,10 +242,14 @@ def _check_job_extra(cluster_type: str, job_extra: Mapping[str, Any]) -> None:
 
 
 def _jobqueue_cluster(cfg: ClusterConfig, log_directory: Path):
+    # the driver's dask config does not reach the jobs: their nannies get the workers' environment here
+    environ = {k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()}
+    prologue = [f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON={shlex.quote(json.dumps(environ))}",
+                *cfg.job_script_prologue]
     kwargs: dict[str, Any] = dict(
         cores=cfg.cores, memory=cfg.memory_limit or "4GiB", queue=cfg.queue, account=cfg.account,
         walltime=cfg.walltime, interface=cfg.interface, python=cfg.python,
-        local_directory=cfg.local_directory, job_script_prologue=list(cfg.job_script_prologue) or None,
+        local_directory=cfg.local_directory, job_script_prologue=prologue,
         log_directory=str(log_directory / (cfg.log_directory or LOG_FOLDER)),
     )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -319,30 +327,33 @@ MMAP_THRESHOLD = 16 * 2**20
 
 
 def bound_heap_growth() -> None:
-    """Fix glibc's mmap threshold in this process (no-op elsewhere than glibc).
+    """Fix glibc's mmap and trim thresholds in this process (no-op elsewhere than glibc).
 
-    glibc raises its threshold to the size of each large block freed, up to
-    32 MiB, so chunk-sized buffers then come from the heap, which fragments and
-    keeps growing with the number of chunks processed (peak memory +50 % at 4x
-    the slices).  A fixed 16 MiB threshold keeps slice-sized FFT buffers on the
-    fast heap and gives chunk-sized ones back at once: peak memory no longer
-    depends on the stack length.
+    glibc raises its mmap threshold to the size of each large block freed, up
+    to 32 MiB, so chunk-sized buffers then come from the heap, which fragments
+    and keeps growing with the number of chunks processed (peak memory +50 % at
+    4x the slices).  A fixed 16 MiB threshold keeps slice-sized FFT buffers on
+    the fast heap and gives chunk-sized ones back at once: peak memory no longer
+    depends on the stack length.  The heap keeps up to as much free at its top
+    (trim threshold; glibc's 128 kiB gave each freed slice buffer back, and the
+    next one page-faulted in again: 3x the page faults of a 1024² VSNR slice).
     """
     import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 
 
 def _worker_malloc_env() -> None:
     # The nanny sets MALLOC_TRIM_THRESHOLD_=65536 in workers, which makes FFT-heavy code
-    # twice slower (PITFALLS): drop it, and fix the mmap threshold as in this process.
+    # twice slower (PITFALLS): the thresholds of this process instead (local workers read
+    # this config; batch jobs get it in their script, where a key can be changed, not removed).
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    env.pop("MALLOC_TRIM_THRESHOLD_", None)
-    env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    env["MALLOC_TRIM_THRESHOLD_"] = env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     dask.config.set({"distributed.nanny.pre-spawn-environ": env})
 
 

@@ -55,9 +55,11 @@ def test_jobqueue_keys_are_refused_for_local_schedulers():
 def test_walltime_and_worker_lifetime():
     assert walltime_seconds("1-02:03:04") == 93784
     assert walltime_seconds("02:30", "lsf") == 9000
-    # retire between 52.5 and 55.5 minutes into a 1-hour job, 51 and 57 s into a 1-minute one
+    # retire between 52.5 and 57.5 minutes into a 1-hour job, 37.5 and 52.5 s into a 1-minute one
+    # (a margin of 15 s at least), 12.5 and 17.5 s into a 20-second one (at most a quarter)
     assert lifetime_args("01:00:00", "slurm") == ["--lifetime", "3300s", "--lifetime-stagger", "150s"]
-    assert lifetime_args("00:01:00", "slurm") == ["--lifetime", "54s", "--lifetime-stagger", "3s"]
+    assert lifetime_args("00:01:00", "slurm") == ["--lifetime", "45s", "--lifetime-stagger", "7s"]
+    assert lifetime_args("00:00:20", "pbs") == ["--lifetime", "15s", "--lifetime-stagger", "2s"]
 
 
 def test_cluster_option_takes_the_table_of_its_type():
