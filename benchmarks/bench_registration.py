@@ -1,18 +1,22 @@
 """Registration: the cost of one pair, the step's overhead around it, and the accuracy of each method.
 
-Run: ``python benchmarks/bench_registration.py [--shape 33 1024 1024] [--nproc 2] [--repeat 2]
-[--accuracy-shape 300 300 300] [--no-transformation] [--no-accuracy]``
+Run: ``python benchmarks/bench_registration.py [--shape 33,1024,1024 80,600,680 200,300,340] [--nproc 2]
+[--repeat 2] [--pystack3d-python /path/to/venv/bin/python] [--accuracy-shape 300 300 300]
+[--no-transformation] [--no-accuracy]``
 
-A drifting texture (uint8, ~1.5 px and 0.1 degree per slice) is written to a
-temporary Zarr v3 store with whole-slice chunks (as the engine's), then, in
-the same run (this machine is shared: read ratios, not seconds):
+For each ``--shape``, a drifting texture (uint8, ~1.5 px and 0.1 degree per
+slice) is written to a temporary Zarr v3 store chunked as the engine's
+(about 32 MiB of whole slices), then, in the same run (this machine is
+shared: read ratios, not seconds):
 
-* ``pair``: one pair with pystackreg (TRANSLATION) and with
-  ``phase_correlation``, in this process, one BLAS thread; the ratio is the
+* ``pair``: pystackreg (TRANSLATION) and ``phase_correlation`` on a sample
+  of the stack's pairs, in this process, one BLAS thread; the ratio is the
   speed-up per pair (target >= 10x at 1024^2).  The confidence (NCC after
   alignment) that the step adds to every pair is timed apart.
 * ``step``: ``registration_calculation`` with ``nproc`` processes (pool
-  start, reading, shipping included) against ``pairs x pair / nproc``:
+  start, reading, shipping included), each time in a fresh process as a
+  command-line run meets it (light main module, cold fork server; its
+  start-up and imports excluded), against ``pairs x pair / nproc``:
   the wall ratio (target <= 1.15) and the CPU ratio (CPU seconds of the main
   process and the workers over the pairs' CPU seconds: the overhead the load
   of other programs cannot hide), interleaved ``--repeat`` times, best kept.
@@ -21,6 +25,12 @@ the same run (this machine is shared: read ratios, not seconds):
   registering the pairs of an in-memory stack, split evenly, with nothing
   else (no start-up, reading, confidence or scheduling); the step's ratio to
   it is the overhead when the machine is shared.
+* ``PyStack3D``: with ``--pystack3d-python`` (a Python where ``pip install
+  pystack3d`` was done; PyStack3D is GPL-3 and never imported here), its own
+  ``registration_calculation`` step (``Stack3d.eval``, its pool, TIFF reads
+  and matrix file included, interpreter start-up and imports excluded) on
+  the same slices written as TIFFs, same ``nproc``, interleaved with ours.
+  The summary table ends the run.
 * ``accuracy``: the synthetic case (shifts only, ``--accuracy-shape``), both
   methods: per-pair error (px) against the known shifts, and the largest
   residual of the cumulative x/y shift with ``subpixel = false`` (the
@@ -32,8 +42,11 @@ the same run (this machine is shared: read ratios, not seconds):
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +62,7 @@ from threadpoolctl import threadpool_limits
 
 from pystack3d_dask.kernels.registration import alignment_ncc, register_pair
 from pystack3d_dask.kernels.warp import warp_affine
+from pystack3d_dask.steps.base import default_chunk_slices
 from pystack3d_dask.steps.registration_calculation import registration_calculation
 from pystack3d_dask.steps.registration_transformation import registration_transformation
 from pystack3d_dask.store import COMPRESSION
@@ -56,31 +70,63 @@ from pystack3d_dask.store import COMPRESSION
 sys.path.insert(0, str(Path(__file__).parent))
 from common import drain  # noqa: E402
 
-#: slices per Zarr chunk
-CHUNK = 8
 METHODS = ("stackreg", "phase_correlation")
+#: pairs timed one by one for the cost of one pair (spread over the stack)
+SAMPLE_PAIRS = 8
+#: PyStack3D's parameter file, reduced to this step
+CONFIG = Path(__file__).parents[1] / "configs" / "pystack3d_params.toml"
+
+#: our step as a run of the command line meets it: a fresh process whose main module is light
+#: (spawned workers import it again) and whose fork server starts cold; CPU seconds include the pool's
+OUR_STEP = """
+import json, sys, time
+import dask, dask.array as da, psutil, zarr
+from threadpoolctl import threadpool_limits
+from pystack3d_dask.steps.registration_calculation import registration_calculation
+
+def cpu():  # this process and its children: the pool's workers, or the fork server and the workers it reaped
+    procs = [psutil.Process()] + psutil.Process().children()
+    return sum(sum(p.cpu_times()[:4]) for p in procs)
+
+z = zarr.open_array(sys.argv[1], mode="r")
+nproc, method = int(sys.argv[2]), sys.argv[3]
+with dask.config.set(scheduler="threads", num_workers=nproc), threadpool_limits(limits=1, user_api="blas"):
+    c0, t0 = cpu(), time.perf_counter()
+    registration_calculation(da.from_zarr(z, chunks=z.chunks), nproc=nproc, method=method)
+    print(json.dumps([time.perf_counter() - t0, cpu() - c0]))
+"""
+
+PYSTACK3D_STEP = """
+import sys, time
+from pystack3d import Stack3d
+stack = Stack3d(input_name=sys.argv[1])
+start = time.perf_counter()
+stack.eval(process_steps=["registration_calculation"], nproc=int(sys.argv[2]), show_pbar=False)
+print(time.perf_counter() - start)
+"""
 
 
 def drifting_stack(path: str, shape: tuple[int, int, int]) -> da.Array:
     """Write a texture drifting by ~1.5 px and turning by 0.1 degree per slice; return it lazily."""
     n, h, w = shape
+    chunk = default_chunk_slices(shape, np.uint8)
     margin = max(8, int(0.1 * n * 1.5) + 16)
     rng = np.random.default_rng(0)
     big = ndi.gaussian_filter(rng.standard_normal((h + 2 * margin, w + 2 * margin)).astype(np.float32), 3)
     big = 128 + 100 * big / np.abs(big).max()
-    z = zarr.create_array(path, shape=shape, chunks=(CHUNK, h, w), dtype="uint8", compressors=COMPRESSION["none"])
+    z = zarr.create_array(path, shape=shape, chunks=(chunk, h, w), dtype="uint8", compressors=COMPRESSION["none"])
     motion = np.eye(3)
     a = np.deg2rad(0.1)
     step = np.array([[np.cos(a), -np.sin(a), 1.5], [np.sin(a), np.cos(a), -0.7], [0, 0, 1]])
-    for start in range(0, n, CHUNK):
+    for start in range(0, n, chunk):
         block = []
-        for _ in range(start, min(start + CHUNK, n)):
+        for _ in range(start, min(start + chunk, n)):
             shift = np.eye(3)
             shift[:2, 2] = margin
             block.append(np.rint(warp_affine(big, shift @ motion, mode="edge", rect=(0, h, 0, w))))
             motion = motion @ step
         z[start:start + len(block)] = np.clip(block, 0, 255).astype(np.uint8)
-    return da.from_zarr(z, chunks=(CHUNK, h, w))
+    return da.from_zarr(z, chunks=(chunk, h, w))
 
 
 def cpu_seconds() -> float:
@@ -100,16 +146,21 @@ def measure(func, repeat: int) -> tuple[float, float]:
     return min(walls), min(cpus)
 
 
-def pair_costs(ref: np.ndarray, mov: np.ndarray, repeat: int) -> dict[str, tuple[float, float]]:
-    """Per method, (wall, CPU) seconds of one pair; and of the confidence of one pair."""
+def pair_costs(stack: da.Array, repeat: int) -> dict[str, tuple[float, float]]:
+    """Per method, (wall, CPU) seconds of one pair (mean over a sample of pairs); and of its confidence."""
+    ks = np.unique(np.linspace(1, stack.shape[0] - 1, SAMPLE_PAIRS).round().astype(int))
+    pairs = [(np.asarray(stack[k - 1]), np.asarray(stack[k])) for k in ks]
     out = {}
     with threadpool_limits(limits=1, user_api="blas"):
         for method in METHODS:
-            register_pair(ref, mov, transformation="TRANSLATION", method=method)  # warm-up (imports, caches)
-            out[method] = measure(lambda: register_pair(ref, mov, transformation="TRANSLATION", method=method),
-                                  repeat + 2)
-        m = register_pair(ref, mov, transformation="TRANSLATION", method="phase_correlation")
-        out["confidence"] = measure(lambda: alignment_ncc(ref, mov, m), repeat + 2)
+            register_pair(*pairs[0], transformation="TRANSLATION", method=method)  # warm-up (imports, caches)
+            wall, cpu = measure(lambda: [register_pair(ref, mov, transformation="TRANSLATION", method=method)
+                                         for ref, mov in pairs], repeat + 1)
+            out[method] = wall / len(pairs), cpu / len(pairs)
+        mats = [register_pair(ref, mov, transformation="TRANSLATION", method="phase_correlation")
+                for ref, mov in pairs]
+        wall, cpu = measure(lambda: [alignment_ncc(ref, mov, m) for (ref, mov), m in zip(pairs, mats)], repeat + 1)
+        out["confidence"] = wall / len(pairs), cpu / len(pairs)
     return out
 
 
@@ -125,6 +176,78 @@ def bare_pool(stack: np.ndarray, nproc: int, repeat: int) -> float:
             f.result()
         return measure(lambda: [f.result() for f in [pool.submit(_pairs, stack, list(range(1 + i, len(stack), nproc)))
                                                    for i in range(nproc)]], repeat)[0]
+
+
+def pystack3d_folder(stack: da.Array, folder: Path) -> Path:
+    """Write ``stack``'s slices as TIFFs and a parameter file running PyStack3D's registration_calculation."""
+    import tifffile
+
+    folder.mkdir()
+    for k in range(stack.shape[0]):
+        tifffile.imwrite(folder / f"slice_{k:05d}.tif", np.asarray(stack[k]))
+    return folder
+
+
+def pystack3d_step(python: str, folder: Path, nproc: int) -> float:
+    """Seconds of PyStack3D's own registration_calculation on ``folder`` (a fresh run each time)."""
+    text = CONFIG.read_text().replace("nproc = 1", f"nproc = {nproc}")
+    start, stop = text.index("process_steps = ["), text.index("]", text.index("process_steps = ["))
+    (folder / "params.toml").write_text(text[:start] + 'process_steps = ["registration_calculation"]'
+                                        + text[stop + 1:])  # PyStack3D rewrites its history there
+    shutil.rmtree(folder / "process", ignore_errors=True)
+    out = subprocess.run([python, "-c", PYSTACK3D_STEP, str(folder), str(nproc)], check=True, capture_output=True,
+                         text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def our_step(path: str, nproc: int, method: str) -> tuple[float, float]:
+    """(wall, CPU) seconds of our registration_calculation on the Zarr array ``path``, in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", OUR_STEP, path, str(nproc), method], check=True, capture_output=True,
+                         text=True).stdout
+    return tuple(json.loads(out.strip().splitlines()[-1]))
+
+
+def step_section(path: str, nproc: int, repeat: int, pystack3d: str | None, tmp: str) -> dict[str, float]:
+    """Print the pair and step lines of the stack stored at ``path``; return the summary row."""
+    z = zarr.open_array(path, mode="r")
+    x = da.from_zarr(z, chunks=z.chunks)
+    shape, pairs = x.shape, x.shape[0] - 1
+    print(f"\nstack {shape} uint8 = {np.prod(shape) / 2**20:.0f} MiB, chunks of {x.chunks[0][0]} slices, "
+          f"TRANSLATION, nproc = {nproc}, {dask.system.CPU_COUNT} CPUs")
+    cost = pair_costs(x, repeat)
+    (sr_wall, _), (pc_wall, _) = cost["stackreg"], cost["phase_correlation"]
+    print(f"pair  stackreg {1e3 * sr_wall:8.1f} ms   phase_correlation {1e3 * pc_wall:7.1f} ms   "
+          f"x{sr_wall / pc_wall:5.1f} per pair   (+ confidence {1e3 * cost['confidence'][0]:.1f} ms: "
+          f"x{sr_wall / (pc_wall + cost['confidence'][0]):.1f} with it)")
+    folder = None if pystack3d is None else pystack3d_folder(x, Path(tmp) / f"tiff_{'x'.join(map(str, shape))}")
+    walls = {method: [] for method in METHODS}
+    cpus = {method: [] for method in METHODS}
+    ps3d = []
+    with dask.config.set(scheduler="threads", num_workers=nproc), threadpool_limits(limits=1, user_api="blas"):
+        t_bare = bare_pool(np.asarray(x), nproc, repeat)
+        for _ in range(repeat):  # interleaved: a change of load hits every contender
+            for method in METHODS:
+                wall, cpu = our_step(path, nproc, method)
+                walls[method].append(wall)
+                cpus[method].append(cpu)
+            if folder is not None:
+                ps3d.append(pystack3d_step(pystack3d, folder, nproc))
+    for method in METHODS:
+        wall, cpu = min(walls[method]), min(cpus[method])
+        pair_wall, pair_cpu = cost[method][0] + cost["confidence"][0], cost[method][1] + cost["confidence"][1]
+        ideal = pairs * pair_wall / nproc
+        print(f"step  {method:17s} {wall:7.2f} s   pairs x pair / nproc {ideal:7.2f} s   "
+              f"wall ratio {wall / ideal:5.2f}   CPU ratio {cpu / (pairs * pair_cpu):5.2f}   "
+              f"{pairs / wall:6.1f} pairs/s" + (f"   ratio to bare pool {wall / t_bare:5.2f}"
+                                                  if method == "stackreg" else ""))
+    print(f"bare pool (stackreg, warm, in memory)   {t_bare:7.2f} s")
+    ours = min(walls["stackreg"])
+    row = {"pairs": pairs, "pair ms": 1e3 * (sr_wall + cost["confidence"][0]),
+           "ideal s": pairs * (sr_wall + cost["confidence"][0]) / nproc, "ours s": ours, "bare pool s": t_bare}
+    if ps3d:
+        row["PyStack3D s"] = min(ps3d)
+        print(f"PyStack3D's registration_calculation     {min(ps3d):7.2f} s   ours is x{min(ps3d) / ours:5.2f} faster")
+    return row
 
 
 def accuracy(shape: tuple[int, int, int], nproc: int) -> dict[str, dict[str, float]]:
@@ -150,45 +273,34 @@ def accuracy(shape: tuple[int, int, int], nproc: int) -> dict[str, dict[str, flo
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=(33, 1024, 1024), metavar=("Z", "Y", "X"))
+    parser.add_argument("--shape", nargs="+", default=["33,1024,1024", "80,600,680", "200,300,340"],
+                        help="Z,Y,X of each stack")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2, help="best of this many runs")
+    parser.add_argument("--pystack3d-python", help="a Python where pystack3d is installed: time its step too")
     parser.add_argument("--accuracy-shape", type=int, nargs=3, default=(300, 300, 300), metavar=("Z", "Y", "X"))
     parser.add_argument("--no-transformation", action="store_true", help="skip registration_transformation")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the accuracy on the synthetic case")
     args = parser.parse_args(argv)
-    shape, nproc = tuple(args.shape), args.nproc
-    mib = np.prod(shape) / 2**20
-    pairs = shape[0] - 1
+    nproc = args.nproc
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        x = drifting_stack(f"{tmp}/stack.zarr", shape)
-        print(f"stack {shape} uint8 = {mib:.0f} MiB, chunks of {CHUNK} slices, TRANSLATION, nproc = {nproc}, "
-              f"{dask.system.CPU_COUNT} CPUs")
-        ref, mov = (np.asarray(x[k]) for k in (shape[0] // 2, shape[0] // 2 + 1))
-        cost = pair_costs(ref, mov, args.repeat)
-        (sr_wall, sr_cpu), (pc_wall, _) = cost["stackreg"], cost["phase_correlation"]
-        print(f"pair  stackreg {1e3 * sr_wall:8.1f} ms   phase_correlation {1e3 * pc_wall:7.1f} ms   "
-              f"x{sr_wall / pc_wall:5.1f} per pair   (+ confidence {1e3 * cost['confidence'][0]:.1f} ms: "
-              f"x{sr_wall / (pc_wall + cost['confidence'][0]):.1f} with it)")
-        with dask.config.set(scheduler="threads", num_workers=nproc), threadpool_limits(limits=1, user_api="blas"):
-            t_read = measure(lambda: drain(x), 1)[0]
-            t_bare = bare_pool(np.asarray(x), nproc, args.repeat)
-            for method in METHODS:
-                wall, cpu = measure(lambda: registration_calculation(x, nproc=nproc, method=method), args.repeat)
-                pair_wall, pair_cpu = cost[method][0] + cost["confidence"][0], cost[method][1] + cost["confidence"][1]
-                ideal = pairs * pair_wall / nproc
-                print(f"step  {method:17s} {wall:7.2f} s   pairs x pair / nproc {ideal:7.2f} s   "
-                      f"wall ratio {wall / ideal:5.2f}   CPU ratio {cpu / (pairs * pair_cpu):5.2f}   "
-                      f"{pairs / wall:6.1f} pairs/s" + (f"   ratio to bare pool {wall / t_bare:5.2f}"
-                                                          if method == "stackreg" else ""))
-            print(f"bare pool (stackreg, warm, in memory)   {t_bare:7.2f} s")
-            if not args.no_transformation:
-                _, state = registration_calculation(x, nproc=nproc, method="phase_correlation")
-                print(f"{'read':44s} {t_read:7.2f} s {mib / t_read:8.1f} MiB/s")
-                for crop in (False, True):
-                    t = measure(lambda: drain(registration_transformation(x, state, cropping=crop)[0]), 1)[0]
-                    name = f"registration_transformation, cropping={crop}"
-                    print(f"{name:44s} {t:7.2f} s {mib / t:8.1f} MiB/s  ratio to read {t_read / t:6.3f}")
+        for i, text in enumerate(args.shape):
+            shape = tuple(int(v) for v in text.split(","))
+            x = drifting_stack(f"{tmp}/stack{i}.zarr", shape)
+            rows[shape] = step_section(f"{tmp}/stack{i}.zarr", nproc, args.repeat, args.pystack3d_python, tmp)
+            if i == 0 and not args.no_transformation:
+                transformation_section(x, nproc)
+    print(f"\nregistration_calculation (stackreg, TRANSLATION, nproc = {nproc}), best of {args.repeat}:")
+    keys = list(dict.fromkeys(k for row in rows.values() for k in row))
+    print(f"{'stack':>16}" + "".join(f"{k:>13}" for k in keys) + f"{'ours/ideal':>12}{'ours/bare':>11}"
+          + (f"{'PS3D/ours':>11}" if "PyStack3D s" in keys else ""))
+    for shape, row in rows.items():
+        cells = "".join(f"{row[k]:13.0f}" if k == "pairs" else f"{row.get(k, float('nan')):13.2f}" for k in keys)
+        ratios = f"{row['ours s'] / row['ideal s']:12.2f}{row['ours s'] / row['bare pool s']:11.2f}"
+        if "PyStack3D s" in row:
+            ratios += f"{row['PyStack3D s'] / row['ours s']:11.2f}"
+        print(f"{'x'.join(map(str, shape)):>16}" + cells + ratios)
     if args.no_accuracy:
         return
     acc = accuracy(tuple(args.accuracy_shape), nproc)
@@ -196,6 +308,19 @@ def main(argv=None) -> None:
     for method, res in acc.items():
         print(f"  {method:17s} " + "   ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in res.items()))
+
+
+def transformation_section(x: da.Array, nproc: int) -> None:
+    """registration_transformation's warp, with and without cropping, against a plain read."""
+    mib = np.prod(x.shape) / 2**20
+    with dask.config.set(scheduler="threads", num_workers=nproc), threadpool_limits(limits=1, user_api="blas"):
+        t_read = measure(lambda: drain(x), 1)[0]
+        _, state = registration_calculation(x, nproc=nproc, method="phase_correlation")
+        print(f"{'read':44s} {t_read:7.2f} s {mib / t_read:8.1f} MiB/s")
+        for crop in (False, True):
+            t = measure(lambda: drain(registration_transformation(x, state, cropping=crop)[0]), 1)[0]
+            name = f"registration_transformation, cropping={crop}"
+            print(f"{name:44s} {t:7.2f} s {mib / t:8.1f} MiB/s  ratio to read {t_read / t:6.3f}")
 
 
 if __name__ == "__main__":

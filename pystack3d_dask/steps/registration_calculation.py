@@ -15,11 +15,12 @@ one bad pair shifts every later slice.
 
 Where the pairs run: pystackreg holds the GIL, so without a ``distributed``
 client and with ``nproc > 1`` they run in a pool of ``nproc`` processes
-that lives as long as the step.  The main process reads each chunk of the
-stack once, registers pairs itself while the workers start, then sends them
-pieces of slices that shrink towards the end so they finish together.  The
-``phase_correlation`` method releases the GIL and runs on the current dask
-scheduler, in threads.
+that lives as long as the step, forked from a fork server that imports
+numpy and pystackreg once per Python process.  The main process reads each
+chunk of the stack once, registers pairs itself while the workers start,
+then sends them pieces of slices that shrink towards the end so they finish
+together.  The ``phase_correlation`` method releases the GIL and runs on the
+current dask scheduler, in threads.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import multiprocessing
 import os
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 
 import dask
 import numpy as np
@@ -56,6 +57,12 @@ SECTION = "registration_calculation"
 
 #: slices named in the outlier warning (the state holds them all)
 MAX_NAMED_OUTLIERS = 20
+
+#: what the fork server imports once for the pool's workers: "__main__" as in Python's default list
+#: (Python up to 3.12 skips it, CPython gh-126631: each worker imports the main script, as a
+#: spawned one does); not this package, as the server may ignore the caller's sys.path (gh-117378)
+#: and load another copy of it
+_PRELOAD = ["__main__", "numpy", "pystackreg", "threadpoolctl"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,13 +140,28 @@ def _any_done(futures: list[Future]) -> bool:
     return any(f.done() for f in futures)
 
 
+def _start_method() -> multiprocessing.context.BaseContext:
+    """Where the pool's processes come from: a fork server where the platform has one, else spawn.
+
+    Never a fork of this process: it runs threads (dask, zarr's event loop)
+    that a fork would copy mid-flight.  Spawned workers each start an
+    interpreter and import numpy and pystackreg (~0.25 s of CPU each, in
+    every step).  The fork server, one fresh interpreter started on first
+    use and kept while this process lives, imports them once; each worker
+    is a fork of it (milliseconds).
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)  # read when the server starts; no effect once it runs
+    return context
+
+
 @contextlib.contextmanager
 def _process_pool(nproc: int) -> Iterator[ProcessPoolExecutor]:
     """A pool of ``nproc`` fresh processes, shut down on every exit (queued pieces are cancelled)."""
-    # spawn, not fork: the parent runs threads (dask, zarr's event loop) that a fork would copy mid-flight.
     # One BLAS thread per worker: idle OpenBLAS threads spin on the cores the other workers need.
-    pool = ProcessPoolExecutor(nproc, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=threadpool_limits, initargs=(1, "blas"))
+    pool = ProcessPoolExecutor(nproc, mp_context=_start_method(), initializer=threadpool_limits, initargs=(1, "blas"))
     try:
         yield pool
     finally:
@@ -149,18 +171,20 @@ def _process_pool(nproc: int) -> Iterator[ProcessPoolExecutor]:
 def _in_processes(sub: da.Array, kwargs: dict, nproc: int, first_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Register ``sub``'s pieces in a pool of ``nproc`` processes; the main process reads them.
 
-    Until a worker has started (imports take ~0.5 s), the main process
-    registers pairs itself, one at a time.  Then each piece is ``1 / (2
-    nproc)`` of the slices left (guided scheduling): large pieces first keep
-    the per-piece cost low, the small last ones let the workers finish
-    together.
+    Until a worker has started (a fresh fork server imports numpy and
+    pystackreg first, ~0.3 s), the main process registers pairs itself, one
+    at a time.  Then each piece is ``1 / (2 nproc)`` of the slices left
+    (guided scheduling): large pieces first keep the per-piece cost low, the
+    small last ones let the workers finish together.
     """
     n, reader, results, futures = sub.shape[0], _Reader(sub), {}, {}
-    with _process_pool(nproc) as pool:
-        started = [pool.submit(os.getpid) for _ in range(nproc)]  # each submit starts a worker
+    with _process_pool(nproc) as pool, ThreadPoolExecutor(1) as starter:
+        # each submit starts a worker, the first one waits for the fork server: from a thread, so that
+        # the main process registers pairs meanwhile
+        started = starter.submit(lambda: [pool.submit(os.getpid) for _ in range(nproc)])
         start = 0
         while start < n:
-            in_main = not _any_done(started)
+            in_main = not (started.done() and _any_done(started.result()))
             stop = start + (1 if in_main else max(1, (n - start) // (2 * nproc)))
             piece = functools.partial(register_chunk, reader.piece(start, stop), has_previous=start > 0,
                                       first_index=first_index + max(start - 1, 0), **kwargs)
