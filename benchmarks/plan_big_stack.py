@@ -1,6 +1,6 @@
 """Paper plan for a stack too big to try: every step's graph built, never computed.
 
-    python benchmarks/plan_big_stack.py [--shape 10000,8192,8192] [--dtype uint16] [--nproc 64]
+    python benchmarks/plan_big_stack.py [--shape 10000,8192,8192] [--dtype uint16] [--threads 64]
 
 The input is a Zarr array with no chunk written (metadata only), as the engine
 would open the ingested stack; each step reads the previous step's result the
@@ -14,9 +14,14 @@ Printed per step: output shape, tasks in the step's graph, graph build time
 (state included), write tasks (one per shard, plus one per chunk casting it
 when a shard holds several), files the step adds to the store (a shard file
 per result, statistics and write-pass table; "unsharded": a file per chunk of
-each, as in stores of format 2), and the driver memory the graph takes
-(tracemalloc peak while building it); then the memory one task needs at the
-largest step (VSNR: about 13x the float32 slice).
+each, as in stores of format 2), the driver memory the graph takes
+(tracemalloc peak while building it), and the scheduler's share: the step's
+materialised graph pickled with cloudpickle, as a client sends it (``graph``),
+and the part of it the scheduler holds at once (``window``): the engine
+submits the writes in a window (2 chunks per worker thread, ``--threads``, at
+least 2 writes), each with only the tasks it depends on.  Then the peak memory
+of one worker thread (two chunks in flight and the heaviest kernel, VSNR: about
+13x the float32 slice) and what changes for slices of twice the side.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import cloudpickle
 import dask
 import dask.array as da
 import numpy as np
 import zarr
 
 from pystack3d_dask.engine import CHUNK_MIB, SHARD_MIB
+from pystack3d_dask.progress import _window
 from pystack3d_dask.project_config import load_config
 from pystack3d_dask.steps import get_step
 from pystack3d_dask.steps.base import StepContext, default_chunk_slices, run_step
@@ -45,6 +52,8 @@ DZ = 0.01
 NSMALL = 40
 #: steps whose state comes from parameters and earlier states only
 DATA_FREE = ("registration_transformation", "resampling")
+#: arrays of the slice's float32 size one VSNR slice holds at its peak (PITFALLS: ~13x)
+VSNR_FACTOR = 13
 
 
 def _refuse(*args, **kwargs):
@@ -68,6 +77,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="10000,8192,8192", help="N,H,W of the stack")
     parser.add_argument("--dtype", default="uint16")
+    parser.add_argument("--threads", type=int, default=64, help="worker threads of the cluster (write window)")
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
     dtype = np.dtype(args.dtype)
@@ -81,8 +91,10 @@ def main(argv=None) -> None:
     sz = shard_slices(shape, dtype, cz, target_mib=SHARD_MIB)
     print(f"{shape[0]} x {shape[1]} x {shape[2]} {dtype} ({gib:,.0f} GiB), chunks of about {CHUNK_MIB:g} MiB "
           f"({cz} slice(s)), shards of about {SHARD_MIB:g} MiB ({sz} slices)")
+    window = _window(args.threads, -(-sz // cz))  # write tasks in flight
+    print(f"{'':<29}{'':>24}{'':>9}{'':>9}{'':>8}{'':>8}{'':>10}{'driver':>8}{'scheduler MiB':>16}")
     print(f"{'step':<29}{'output shape':>24}{'tasks':>9}{'build s':>9}{'writes':>8}{'files':>8}{'unsharded':>10}"
-          f"{'graph MiB':>11}")
+          f"{'MiB':>8}{'graph':>8}{'window':>8}")
     for name in cfg.process_steps:
         step, params = get_step(name), cfg.step_params[name]
         x = _lazy_input(folder, name, shape, dtype, cz, sz)
@@ -105,19 +117,30 @@ def main(argv=None) -> None:
         tracemalloc.stop()
         big_states[name] = state
         if out is None:
-            print(f"{name:<29}{'(images unchanged)':>24}{0:9d}{build:9.2f}{0:8d}{0:8d}{0:10d}{peak:11.1f}")
+            print(f"{name:<29}{'(images unchanged)':>24}{0:9d}{build:9.2f}{0:8d}{0:8d}{0:10d}{peak:8.1f}{0:8.1f}"
+                  f"{0:8.1f}")
             continue
-        tasks = len(out.__dask_graph__())
+        graph = dict(out.__dask_graph__())
+        pickled = len(cloudpickle.dumps(graph)) / 2**20
         chunks, shards = -(-out.shape[0] // cz), -(-out.shape[0] // sz)
         writes = shards + (chunks if sz > cz else 0)
         tables = 2 + (step.write_reduction is not None)
-        print(f"{name:<29}{str(out.shape):>24}{tasks:9d}{build:9.2f}{writes:8d}{shards * tables:8d}"
-              f"{chunks * tables:10d}{peak:11.1f}")
+        print(f"{name:<29}{str(out.shape):>24}{len(graph):9d}{build:9.2f}{writes:8d}{shards * tables:8d}"
+              f"{chunks * tables:10d}{peak:8.1f}{pickled:8.1f}{pickled * min(1, window / shards):8.1f}")
         shape, zpos = out.shape, np.asarray(state.get("zpos", zpos), float)
-    slice_mib = shape[1] * shape[2] * 4 / 2**20
-    print(f"one float32 slice: {slice_mib:,.0f} MiB; a VSNR task needs about {13 * slice_mib / 1024:,.1f} GiB "
-          f"(13x), a chunk of {CHUNK_MIB:g} MiB holds {default_chunk_slices(shape, dtype, target_mib=CHUNK_MIB)} "
-          "slice(s)")
+    _worker_memory(shape, dtype)
+    _worker_memory((shape[0], 2 * shape[1], 2 * shape[2]), dtype)
+    print("  a whole-slice VSNR past a worker's memory: x-tiled VSNR with overlap ([destriping] memory_budget, "
+          "issue 12) bounds it by the tile width")
+
+
+def _worker_memory(shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Print the peak memory of one worker thread: two chunks in flight and a whole-slice VSNR (13x float32)."""
+    cz = default_chunk_slices(shape, dtype, target_mib=CHUNK_MIB)
+    chunk = cz * shape[1] * shape[2] * dtype.itemsize / 2**30
+    vsnr = VSNR_FACTOR * shape[1] * shape[2] * 4 / 2**30
+    print(f"{shape[1]} x {shape[2]}: per worker thread about {2 * chunk + vsnr:,.1f} GiB = 2 chunks of {cz} "
+          f"slice(s) ({chunk:,.2f} GiB each) + VSNR on one slice ({VSNR_FACTOR}x float32: {vsnr:,.1f} GiB)")
 
 
 def _fields(params):
