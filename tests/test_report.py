@@ -217,6 +217,25 @@ def test_chart_keeps_spikes_and_breaks_at_nan():
     assert "no finite values" in svg.line_chart({"y": np.full(3, np.nan)}, title="t")
 
 
+def test_decimation_keeps_each_buckets_min_and_max_in_order():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=12_345)
+    y[rng.integers(0, y.size, 2_000)] = np.nan
+    y[100:130] = np.nan  # buckets without a finite value keep their first point
+    y[5_000] = np.inf
+    y[7_000:7_020] = 3.0  # ties: the first occurrence
+    x = np.arange(y.size) * 0.5
+    edges = np.linspace(0, y.size, svg.MAX_BUCKETS + 1).astype(int)
+    keep = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        part = y[a:b]
+        finite = np.isfinite(part).any()
+        keep += sorted({a + int(np.nanargmin(part)), a + int(np.nanargmax(part))}) if finite else [a]
+    got_x, got_y = svg._decimate(x, y)
+    np.testing.assert_array_equal(got_x, x[keep])
+    np.testing.assert_array_equal(got_y, y[keep])
+
+
 def test_flagged_pairs_are_circled():
     mats = np.tile(np.eye(3), (6, 1, 1))
     mats[3, 0, 2] = 7.5

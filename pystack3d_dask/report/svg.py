@@ -39,17 +39,23 @@ def _label(value: float) -> str:
 
 
 def _decimate(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The min and max of each bucket of points, in x order: keeps single-slice spikes visible."""
+    """The min and max of each bucket of points, in x order: keeps single-slice spikes visible.
+
+    Vectorised over the buckets (a loop cost ~0.4 s a series at 10 000 slices); NaN is
+    skipped as by ``nanargmin`` / ``nanargmax``, and a bucket without a finite value keeps
+    its first point.
+    """
     if x.size <= 2 * MAX_BUCKETS:
         return x, y
     edges = np.linspace(0, x.size, MAX_BUCKETS + 1).astype(int)
-    keep = []
-    for a, b in zip(edges[:-1], edges[1:]):
-        part = y[a:b]
-        if np.isfinite(part).any():
-            keep += sorted({a + int(np.nanargmin(part)), a + int(np.nanargmax(part))})
-        else:
-            keep.append(a)
+    at = edges[:-1, None] + np.arange(np.diff(edges).max())  # buckets differ by one point at most
+    part = np.where(at < edges[1:, None], y[np.minimum(at, y.size - 1)], np.nan)
+    nan = np.isnan(part)
+    lo = np.where(nan, np.inf, part).argmin(axis=1)
+    hi = np.where(nan, -np.inf, part).argmax(axis=1)
+    finite = np.isfinite(part).any(axis=1)
+    pairs = edges[:-1, None] + np.where(finite[:, None], np.sort(np.column_stack([lo, hi]), axis=1), 0)
+    keep = pairs[np.column_stack([np.ones_like(finite), finite & (lo != hi)])]
     return x[keep], y[keep]
 
 
