@@ -311,3 +311,19 @@ def test_clipping_warning_names_the_table_of_the_area(tmp_path):
         Project(tmp_path, quiet=True).run()
     said = [str(w.message) for w in caught if "reaches past" in str(w.message)]
     assert said and all(m.startswith("[cropping_final] area = [1, 40, 3, 20]") for m in said), said
+
+
+def test_a_step_is_given_the_states_of_the_steps_it_requires(tmp_path, monkeypatch):
+    seen = []
+    ctx = Project._ctx
+
+    def spy(self, channel, zpos, distributed, previous, input_stats):
+        seen.append(sorted(previous))
+        return ctx(self, channel, zpos, distributed, previous, input_stats)
+
+    monkeypatch.setattr(Project, "_ctx", spy)
+    write_slices(tmp_path, random_stack((6, 32, 32)))
+    write_params(tmp_path, 'process_steps = ["bkg_removal", "registration_calculation", "registration_transformation"]\n'
+                           '[bkg_removal]\norders = [1, 1, 0]\n')
+    Project(tmp_path, quiet=True).run(plots=False)
+    assert seen == [[], [], ["registration_calculation"]]  # not bkg_removal's, although it has one

@@ -53,8 +53,8 @@ class StepContext:
     distributed: bool = False
     #: index of the input's first slice in the original numbering (for messages)
     first_index: int = 0
-    #: states of the steps run before this one, by step name (e.g. the matrices
-    #: of ``registration_calculation`` for ``registration_transformation``)
+    #: states of the earlier steps this one requires (``Step.requires``), by step name (e.g.
+    #: the matrices of ``registration_calculation`` for ``registration_transformation``)
     previous: Mapping[str, State] = dataclasses.field(default_factory=dict)
     #: per-slice ``(min, max, mean)`` of the input, ``(nz, 3)``, when already known (the engine
     #: has them from the previous step's write pass): lets a step skip a min/max read
