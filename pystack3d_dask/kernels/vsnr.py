@@ -72,8 +72,8 @@ Speed (what differs from a textbook transcription, not the result):
 * measured on a shared 2-core machine (one iteration, one thread, CPU time):
   300 x 340 1.5 ms, 1024 x 904 24 ms, 2048 x 2048 70 ms, that is 0.75x,
   0.9x and 0.7x the time of the kernel of November 2026 (commit 88fa41e);
-  the FFTs take 60-70 % (at 1024 x 904 the transforms of length 904 = 8 x 113
-  alone take half), the elementwise passes 25-35 %;
+  the FFTs take 50-70 % (at 1024 x 904 the transforms of length 904 = 8 x 113
+  alone take half), the elementwise passes 25-40 %;
 * ``pad=True`` extends each slice periodically on both sides (``numpy.pad``
   mode ``"wrap"``, the closest to the unpadded periodic model of the modes
   tried) up to a size with fast FFTs (:func:`fast_shape`) and crops the
