@@ -162,6 +162,17 @@ def test_input_untouched_shape_dtype():
 
 
 @pytest.mark.parametrize("solver", ["admm", "fast"])
+def test_memory_layout_does_not_change_the_result(solver):
+    # a column-sliced or transposed array is not C-ordered: the band updates must still land
+    img = striped((64, 80))
+    ref = vsnr(img, filters=[GABOR], maxit=10, solver=solver)
+    for view in (np.asfortranarray(img), img[:, np.arange(80)], img.T.copy().T):
+        np.testing.assert_array_equal(vsnr(view, filters=[GABOR], maxit=10, solver=solver), ref)
+    np.testing.assert_array_equal(vsnr(np.stack([img, img], axis=-1)[..., 0], filters=[GABOR],
+                                       maxit=10, solver=solver), ref)
+
+
+@pytest.mark.parametrize("solver", ["admm", "fast"])
 @pytest.mark.parametrize("value", [0.0, 7.0, -3.0])
 def test_constant_slice_is_unchanged(value, solver):
     img = np.full((32, 30), value, np.float32)

@@ -511,7 +511,8 @@ def vsnr(
     out = (np if on_host else xp).empty((nz, ny, nx), np.float32)
     iterations = np.zeros(nz, int)
     for i in range(0, nz, max(1, int(batch))):
-        u = xp.asarray(stack3[i : i + batch], dtype=xp.float32)
+        # C order: the band updates write through reshaped views, which would be copies otherwise
+        u = xp.ascontiguousarray(xp.asarray(stack3[i : i + batch], dtype=xp.float32))
         # the reference scales each slice by its maximum (norm=False): the TV threshold is relative
         scale = u.max(axis=(1, 2))
         scale = xp.where(scale > 0, scale, xp.abs(u).max(axis=(1, 2)))
