@@ -424,6 +424,17 @@ def _spectrum_on(xp: ModuleType, filters: FilterKey, shape: tuple[int, int]):
     return tuple(xp.asarray(a) for a in stripe_spectrum(filters, shape))
 
 
+def slice_scale(stack, *, xp: ModuleType = np):
+    """The value VSNR divides each slice of ``stack`` ``(z, y, x)`` by: its maximum, float32.
+
+    When the maximum is not positive, the largest absolute value; 1 for a
+    slice of zeros.
+    """
+    top = stack.max(axis=(1, 2))
+    top = xp.where(top > 0, top, xp.abs(stack).max(axis=(1, 2)))
+    return xp.where(top > 0, top, 1)
+
+
 def vsnr(
     stack,
     *,
@@ -438,6 +449,8 @@ def vsnr(
     workers: int = 1,
     xp: ModuleType = np,
     return_iterations: bool = False,
+    scale: Sequence[float] | None = None,
+    rms: Sequence[float] | None = None,
 ):
     """Remove stationary (striped) noise from each slice with VSNR.
 
@@ -475,6 +488,14 @@ def vsnr(
         ``numpy`` or ``cupy``.
     return_iterations : bool
         Also return the number of iterations each slice ran.
+    scale : sequence of float, optional
+        The value each slice is divided by before the solve (module docstring,
+        Normalisation); default: the slice's maximum.  A tile of a larger
+        slice passes the slice's, so its TV threshold is the slice's.
+    rms : sequence of float, optional
+        The RMS of each slice once divided by ``scale``, which sets the
+        filters' strength; default: the slice's own.  A tile of a larger slice
+        passes the slice's, so the tile is corrected as strongly as the slice.
 
     Returns
     -------
@@ -513,19 +534,23 @@ def vsnr(
     for i in range(0, nz, max(1, int(batch))):
         # C order: the band updates write through reshaped views, which would be copies otherwise
         u = xp.ascontiguousarray(xp.asarray(stack3[i : i + batch], dtype=xp.float32))
-        # the reference scales each slice by its maximum (norm=False): the TV threshold is relative
-        scale = u.max(axis=(1, 2))
-        scale = xp.where(scale > 0, scale, xp.abs(u).max(axis=(1, 2)))
-        scale = xp.where(scale > 0, scale, 1)[:, None, None]
-        u = u / scale  # a new array: the caller's stays untouched
-        norms = xp.sqrt((u * u).sum(axis=(1, 2), dtype=xp.float64))
+        if scale is None:
+            # the reference scales each slice by its maximum (norm=False): the TV threshold is relative
+            div = slice_scale(u, xp=xp)[:, None, None]
+        else:
+            div = xp.asarray(scale[i : i + batch], dtype=xp.float32)[:, None, None]
+        u = u / div  # a new array: the caller's stays untouched
+        if rms is None:
+            norms = xp.sqrt((u * u).sum(axis=(1, 2), dtype=xp.float64))
+        else:
+            norms = xp.asarray(rms[i : i + batch], dtype=xp.float64) * math.sqrt(ny * nx)
         if shape != (ny, nx):
             u = xp.pad(u, widths, mode=pad_mode)
             norms *= math.sqrt(shape[0] * shape[1] / (ny * nx))  # same RMS: same strength
         s, its = _solve(u, norms, g2, w, maxit=maxit, cvg_threshold=cvg_threshold,
                         solver=SOLVERS[solver], band=band, fft=fft, xp=xp)
         res = u[crop] - s[crop]
-        res *= scale
+        res *= div
         out[i : i + batch] = _to_numpy(res) if on_host else res
         iterations[i : i + batch] = its
     out = out[0] if squeeze else out

@@ -14,7 +14,9 @@ Two methods, as in PyStack3D:
   ignored, with a warning.
 
 Every slice is corrected on its own (with its own stopping rule), so the
-result does not depend on the chunking.  Pixels that are not finite (NaN
+result does not depend on the chunking.  A slice whose VSNR would take more
+than ``memory_budget`` (by default half the worker's memory per thread) is
+solved in x-tiles (:mod:`pystack3d_dask.kernels.vsnr_tiles`).  Pixels that are not finite (NaN
 from a registration with ``mode = "constant"`` on a float stack) are filled
 with the slice's mean for the computation and stay NaN in the output.
 """
@@ -23,17 +25,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import dask
 import numpy as np
+import psutil
+from dask.utils import parse_bytes
 
 from pystack3d_dask.config import check, fail, suggest
 from pystack3d_dask.errors import StepError
 from pystack3d_dask.kernels.vsnr import FILTER_KEYS, vsnr
+from pystack3d_dask.kernels.vsnr_tiles import default_overlap, plan_tiles, vsnr_tiles
 from pystack3d_dask.kernels.wavelet_destripe import wavelet_destripe
 from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.steps.base import State, Step, StepContext, run_step
@@ -50,6 +57,9 @@ _GPU_ARRAYS_PER_SLICE = 25
 TASK_PIXELS = 2**20
 #: ... yet cut in at least this many tasks, for the workers to finish together
 MIN_TASKS = 64
+#: share of a worker's memory per thread that one VSNR slice may take by default (the rest: the
+#: chunks in flight, the interpreter)
+BUDGET_SHARE = 0.5
 
 
 def _is_number(v: Any) -> bool:
@@ -84,6 +94,17 @@ def _parse_filter(i: int, f: Mapping[str, Any]) -> dict[str, Any]:
         check(_is_number(theta), SECTION, f"{key}.theta", theta, "expected an angle in degrees")
         clean.update(sigma=(float(sigma[0]), float(sigma[1])), theta=float(theta))
     return clean
+
+
+def _parse_budget(value: int | str) -> int:
+    """Return ``memory_budget`` in bytes ("2GiB", "800MB" or an integer of bytes), or raise ConfigError."""
+    allowed = 'expected a size such as "2GiB" or "800MB", or an integer number of bytes, > 0'
+    try:
+        budget = parse_bytes(value)
+    except (ValueError, TypeError):
+        fail(SECTION, "memory_budget", value, allowed)
+    check(budget > 0, SECTION, "memory_budget", value, allowed)
+    return budget
 
 
 def _parse_wavelet(table: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,6 +151,10 @@ class Params:
     #: prime factors (1024 x 904), but no longer pyvsnr's result near the edges (up to a few grey
     #: levels in the outer columns), and with early stopping a slice may stop an iteration apart
     pad: bool = False
+    #: memory one VSNR slice may take ("2GiB", or bytes); a slice that needs more is solved in
+    #: overlapping x-tiles (kernels.vsnr_tiles). Default: BUDGET_SHARE of the distributed worker's
+    #: memory_limit per thread, else of the machine's available memory per scheduler thread
+    memory_budget: int | str | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -140,6 +165,10 @@ class Params:
         check(not (self.solver == "fast" and self.backend == "pyvsnr"), SECTION, "solver",
               self.solver, "backend = 'pyvsnr' runs pyvsnr's own ADMM: use solver = 'admm' or "
               "backend = 'numpy'")
+        if self.memory_budget is not None:
+            _parse_budget(self.memory_budget)
+            check(self.backend == "numpy", SECTION, "memory_budget", self.memory_budget,
+                  f"tiles are for backend = 'numpy' (here {self.backend!r}): remove the key")
         if self.wavelet_decomposition is not None:
             set_(self, "wavelet_decomposition", _parse_wavelet(self.wavelet_decomposition))
             if self.filters:
@@ -205,6 +234,41 @@ def _pyvsnr(block: np.ndarray, *, filters, maxit, cvg_threshold) -> np.ndarray:
     return out
 
 
+def _default_budget() -> int:
+    """:data:`BUDGET_SHARE` of this worker's memory per thread (see ``Params.memory_budget``)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not in a distributed worker
+        worker = None
+    if worker is not None and worker.memory_manager.memory_limit:
+        return int(BUDGET_SHARE * worker.memory_manager.memory_limit / worker.state.nthreads)
+    threads = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    return int(BUDGET_SHARE * psutil.virtual_memory().available / threads)
+
+
+def _tiles(shape: tuple[int, int], budget: int, *, filters, cvg_threshold, solver, pad) -> tuple[int, int]:
+    """``(tiles, overlap)`` for a slice of ``shape`` within ``budget`` bytes (ValueError if none fit)."""
+    overlap = default_overlap(filters, ny=shape[0], solver=solver)
+    return plan_tiles(shape, budget=budget, overlap=overlap, cvg_threshold=cvg_threshold, pad=pad), overlap
+
+
+def _vsnr_within(block: np.ndarray, *, budget: int | None, **kw) -> np.ndarray:
+    """VSNR on the CPU, in x-tiles when a slice needs more than ``budget`` bytes (default: the worker's)."""
+    given = budget is not None
+    budget = budget if given else _default_budget()
+    try:
+        tiles, overlap = _tiles(block.shape[1:], budget, filters=kw["filters"],
+                                cvg_threshold=kw["cvg_threshold"], solver=kw["solver"], pad=kw["pad"])
+    except ValueError as exc:
+        raise StepError(f"[destriping] memory_budget ({'given' if given else 'this worker'}): {exc}; "
+                        "give more memory per worker thread or set memory_budget.") from None
+    if tiles == 1:
+        return vsnr(block, workers=1, **kw)
+    return vsnr_tiles(block, tiles=tiles, overlap=overlap, workers=1, **kw)
+
+
 def _fill_nonfinite(block: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Return ``block`` as float32 with non-finite pixels set to their slice's mean, and their mask."""
     block = np.asarray(block, np.float32)
@@ -228,7 +292,7 @@ def _destripe_block(block: np.ndarray, *, method: str, **kw) -> np.ndarray:
     elif method == "pyvsnr":
         out = _pyvsnr(filled, **kw)
     else:
-        out = vsnr(filled, workers=1, **kw)
+        out = _vsnr_within(filled, **kw)
     if bad is not None:
         out[bad] = np.nan
     return out
@@ -243,6 +307,9 @@ def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da
               "cvg_threshold": params.cvg_threshold}
         if params.backend != "pyvsnr":
             kw.update(pad=params.pad, solver=params.solver)
+        if params.backend == "numpy":
+            _check_budget(params, stack.shape)
+            kw["budget"] = None if params.memory_budget is None else _parse_budget(params.memory_budget)
     # a big slice costs seconds: one task per slice balances the workers whatever the chunking
     # (3 chunks of 36 slices on 2 workers would leave one idle for a third of the time); small
     # slices go by groups (task_chunks); the GPU keeps whole chunks, its batches
@@ -267,7 +334,18 @@ def task_chunks(chunks: tuple[int, ...], slice_pixels: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-STEP = Step(name="destriping", Params=Params, apply=apply)
+def _check_budget(params: Params, shape: tuple[int, int, int]) -> None:
+    """Raise ConfigError when ``memory_budget`` cannot hold even the narrowest tiles of a slice."""
+    if params.memory_budget is None or params.wavelet_decomposition is not None:
+        return
+    try:
+        _tiles(tuple(shape[1:]), _parse_budget(params.memory_budget), filters=params.filters,
+               cvg_threshold=params.cvg_threshold, solver=params.solver, pad=params.pad)
+    except ValueError as exc:
+        fail(SECTION, "memory_budget", params.memory_budget, str(exc))
+
+
+STEP = Step(name="destriping", Params=Params, apply=apply, check_shape=_check_budget)
 
 
 def destriping(stack, **params) -> tuple[da.Array, dict]:
@@ -299,6 +377,11 @@ def destriping(stack, **params) -> tuple[da.Array, dict]:
         Pad slices to fast FFT sizes: faster on awkward sizes, but the result
         departs from pyvsnr's near the edges (and early stopping may end an
         iteration apart).
+    memory_budget : str or int, optional
+        Memory one VSNR slice may take (``"2GiB"``, or bytes; numpy backend):
+        a slice that needs more is solved in overlapping x-tiles, blended
+        (:mod:`pystack3d_dask.kernels.vsnr_tiles`; within ~1e-3 of the
+        untiled result).  Default: half the worker's memory per thread.
     zpos, channel, nproc, state, cast :
         See :func:`pystack3d_dask.steps.base.run_step`.
 
@@ -312,7 +395,8 @@ def destriping(stack, **params) -> tuple[da.Array, dict]:
     Raises
     ------
     ConfigError
-        Unknown filter name, missing or bad filter keys, unknown wavelet.
+        Unknown filter name, missing or bad filter keys, unknown wavelet, a
+        ``memory_budget`` that is not a size or too small for a slice.
     StepError
         ``backend = "cupy"`` without CuPy or a GPU, ``"pyvsnr"`` without pyvsnr.
 
