@@ -11,7 +11,7 @@ tile's solution agree with the whole slice's:
   :mod:`~pystack3d_dask.kernels.vsnr`, Normalisation), so the TV threshold and
   the correction strength are the slice's.  The folded filter's spectrum
   ``|F psi|^2`` is then the same function of frequency on the tile's grid as
-  on the slice's (measured: 1e-5 apart), so a tile solves the slice's problem
+  on the slice's (measured: 1e-4 apart), so a tile solves the slice's problem
   restricted to its columns, with periodic boundaries at its own edges.
 * **real neighbours as overlap.**  Each tile is extended by ``overlap``
   columns of the slice on both sides, taken periodically (the first tile's
@@ -25,14 +25,17 @@ tile's solution agree with the whole slice's:
   tile contributes only where it is at least ``overlap / 2`` from its edges.
 * **one stopping rule.**  With ``cvg_threshold > 0`` the first tile runs the
   stopping rule and every other tile runs the count it picked: seams join
-  iterates of the same step.  The count is the tile's, not the slice's (the
+  iterates of the same step.  The count is the tile's, not the slice's: the
   rule is a ratio of maxima over the Fourier coefficients, which a tile does
-  not share with the slice): measured at 2048 x 2048 with 4 tiles and
-  ``cvg_threshold = 1e-2``, the slice stops after 15 iterations and the
-  tiles after 18; the tiled result is then 1.6e-3 (relative RMS) from the
-  untiled one, as far as the untiled result after 18 iterations is from the
-  one after 15 (1.56e-3): the stopping rule's own resolution.  With the same
-  count (``cvg_threshold = 0``) the difference is the overlap's alone.
+  not share with the slice (its own periodic boundary converges slowly and
+  weighs more in a narrower grid).  Measured at 2048 x 2048, 4 tiles,
+  ``cvg_threshold = 1e-2``: the slice stops after 15 iterations, the tiles
+  after 31, and the tiled result is 3.9e-3 (relative RMS) from the untiled
+  one: as far as the untiled result itself moves from 15 to 31 iterations
+  (3.85e-3), i.e. it is the untiled result at the tiles' count (with one
+  count, ``cvg_threshold = 0``: 5.0e-4).  Stopping on the slowest tile or
+  on the slice's count would need every tile's state at once, the memory
+  tiling saves.
 
 The overlap (:func:`default_overlap`).  A column's correction depends on its
 neighbours through the ADMM's x-update ``(1 + beta |F psi|^2 |F d|^2)^-1``: at
@@ -49,7 +52,7 @@ edges, at overlaps of 8.5 and 12.7 ``ell``: 4.1e-4 and 1.4e-4 (Gabor 20,
 (theta = 10); but 2.8e-3 and 8.5e-4 for ``sigma = [0.5, 20]`` (a short
 filter couples columns more than ``ell`` says) and 3.2e-3 at 3.4-5 ``ell``
 (``sigma = [3, 200]``).  At 2048 x 2048 (Gabor 20, [0.5, 200], 0, 30
-iterations): 3.8e-3, 6.8e-4 and 3.6e-5 at 64, 128 and 256 px.
+iterations): 3.8e-3, 6.8e-4, 5.0e-4 and 3.6e-5 at 64, 128, 153 and 256 px.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ FILTER_WIDTHS = 3.0
 #: input excluded), without and with early stopping (which keeps the previous Fourier coefficients
 #: and their difference); measured with tracemalloc on 512 x 512 and 1024 x 700: 12.7 and 15.7
 VSNR_ARRAYS = (13, 16)
-#: columns over which the slice's norm is summed at a time (bounds the float64 temporary)
+#: rows over which the slice's norm is summed at a time (bounds the float64 temporary)
 _NORM_ROWS = 256
 
 
