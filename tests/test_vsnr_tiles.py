@@ -162,7 +162,7 @@ def test_peak_memory_follows_the_budget(tiles, cvg_threshold):
         peak = tracemalloc.get_traced_memory()[1] + img.nbytes
     finally:
         tracemalloc.stop()
-    assert 0.85 * budget <= peak <= 1.03 * budget, peak / budget  # measured 0.98
+    assert 0.85 * budget <= peak <= 1.03 * budget, peak / budget  # measured 0.91-0.97
 
 
 # -- the step -----------------------------------------------------------------------------------

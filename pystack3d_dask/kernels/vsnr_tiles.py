@@ -1,6 +1,6 @@
 """VSNR on slices too large for memory: x-tiles with overlap, blended seams (``xp``-generic).
 
-One VSNR slice in flight holds ~13 float32 copies of itself (16 with early
+One VSNR slice in flight holds ~14 float32 copies of itself (16 with early
 stopping, :func:`vsnr_bytes`).  Curtains are vertical, so a slice can be cut
 along x into tiles of whole columns, each solved alone by
 :func:`pystack3d_dask.kernels.vsnr.vsnr`, and put back together.  What makes a
@@ -72,8 +72,9 @@ COUPLING_LENGTHS = 10.0
 FILTER_WIDTHS = 3.0
 #: peak float32 slice-sized arrays of one :func:`vsnr` call (output and cached spectrum included,
 #: input excluded), without and with early stopping (which keeps the previous Fourier coefficients
-#: and their difference); measured with tracemalloc on 512 x 512 and 1024 x 700: 12.7 and 15.7
-VSNR_ARRAYS = (13, 16)
+#: and their difference); measured with tracemalloc on 512 x 512 and 1024 x 700: 13.0-13.8 and
+#: 14.6-15.7
+VSNR_ARRAYS = (14, 16)
 #: rows over which the slice's norm is summed at a time (bounds the float64 temporary)
 _NORM_ROWS = 256
 
