@@ -16,9 +16,10 @@ Two methods, as in PyStack3D:
 Every slice is corrected on its own (with its own stopping rule), so the
 result does not depend on the chunking.  A slice whose VSNR would take more
 than ``memory_budget`` (by default half the worker's memory per thread) is
-solved in x-tiles (:mod:`pystack3d_dask.kernels.vsnr_tiles`).  Pixels that are not finite (NaN
-from a registration with ``mode = "constant"`` on a float stack) are filled
-with the slice's mean for the computation and stay NaN in the output.
+solved in x-tiles (:mod:`pystack3d_dask.kernels.vsnr_tiles`).  Pixels that
+are not finite (NaN from a registration with ``mode = "constant"`` on a float
+stack) are filled with the slice's mean for the computation and stay NaN in
+the output.
 """
 
 from __future__ import annotations
@@ -380,8 +381,10 @@ def destriping(stack, **params) -> tuple[da.Array, dict]:
     memory_budget : str or int, optional
         Memory one VSNR slice may take (``"2GiB"``, or bytes; numpy backend):
         a slice that needs more is solved in overlapping x-tiles, blended
-        (:mod:`pystack3d_dask.kernels.vsnr_tiles`; within ~1e-3 of the
-        untiled result).  Default: half the worker's memory per thread.
+        (:mod:`pystack3d_dask.kernels.vsnr_tiles`; 5e-4 relative RMS from
+        the untiled result at 2048 x 2048 in 4 tiles with a fixed iteration
+        count, more with ``cvg_threshold > 0``: the tiles stop at their own
+        count).  Default: half the worker's memory per thread.
     zpos, channel, nproc, state, cast :
         See :func:`pystack3d_dask.steps.base.run_step`.
 
