@@ -3,7 +3,8 @@
     python benchmarks/bench_task_overhead.py [--slices 1000,10000] [--side 64] [--chunk-slices N]
 
 The lead's idle rerun: ``python benchmarks/bench_task_overhead.py --slices 1000,10000``
-(about 15 min on 2 idle cores: writing the stacks ~4 min, the runs ~1 and ~9 min).
+(under 10 min on 2 cores: writing the stacks ~2 min, the runs took 1 and 6.5 min on the loaded
+machine; measured there: 0.72 wall, 0.81 CPU per slice at 10 000 / 1 000 slices).
 
 For each slice count, the demo's synthetic project (:mod:`pystack3d_dask.demo`: PyStack3D's
 Figure 1 kind, ``side`` x ``side`` px plus its empty border, every other slice deleted from a
