@@ -65,6 +65,7 @@ import functools
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,7 +74,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, Endian, ShardingCodec, ShardingCodecIndexLocation
 
 from pystack3d_dask.checksum import PooledCrc32cCodec
 from pystack3d_dask.errors import DamagedError, DiskFullError, StoreError
@@ -216,21 +217,75 @@ def write_block(blocks: Sequence[np.ndarray | Block], store_path: str, node: str
     """
     arr = _open_array(store_path, node)
     parts = [b if isinstance(b, Block) else prepare_block(b, dtype=arr.dtype, reduction=reduction) for b in blocks]
-    out = _concat([p.data for p in parts])
-    stop = start + out.shape[0]
+    stop = start + sum(p.data.shape[0] for p in parts)
     try:
-        _remove_shards(arr, Path(store_path) / node, start, stop)
-        arr[start:stop] = out
+        if _plain_shards(arr):
+            path = Path(store_path) / node / arr.metadata.encode_chunk_key((start // arr.shards[0], 0, 0))
+            write_shard(path, [p.data for p in parts], chunk=arr.chunks[0], per_shard=arr.shards[0] // arr.chunks[0],
+                        fill_value=arr.fill_value)
+        else:
+            _remove_shards(arr, Path(store_path) / node, start, stop)
+            arr[start:stop] = _concat([p.data for p in parts])
         if reduction is not None:
             _open_array(store_path, extra_node(node))[start:stop] = _concat([p.extra for p in parts])
         _open_array(store_path, stats_node(node))[start:stop] = _concat([p.table for p in parts])
     except OSError as exc:
-        raise write_error(exc, Path(store_path), out.nbytes, "a shard" if arr.shards else "a chunk") from None
-    return out.shape[0]
+        nbytes = sum(p.data.nbytes for p in parts)
+        raise write_error(exc, Path(store_path), nbytes, "a shard" if arr.shards else "a chunk") from None
+    return stop - start
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _plain_shards(arr: zarr.Array) -> bool:
+    """True when ``arr``'s shards are whole slices of uncompressed chunks, each followed by its
+    CRC32C, with a CRC32C'd index at the end (the layout :func:`write_shard` writes)."""
+    codec = arr.metadata.codecs[0]
+    if not isinstance(codec, ShardingCodec) or arr.shards[1:] != arr.shape[1:] or arr.chunks[1:] != arr.shape[1:]:
+        return False
+    plain = (BytesCodec, Crc32cCodec)
+    return all(len(c) == 2 and all(isinstance(x, k) for x, k in zip(c, plain)) and c[0].endian in (None, Endian.little)
+               for c in (codec.codecs, codec.index_codecs)) and codec.index_location == ShardingCodecIndexLocation.end
+
+
+def write_shard(path: Path, blocks: Sequence[np.ndarray], *, chunk: int, per_shard: int, fill_value: Any) -> None:
+    """Write a shard of whole slices as Zarr lays it out, streamed chunk by chunk into its file.
+
+    The shard's chunks of ``chunk`` slices (the last one of the stack padded with
+    ``fill_value``, as Zarr pads it) each followed by the CRC32C of its bytes, then
+    the index (offset and length of each of the ``per_shard`` chunks, ``2**64 - 1``
+    for those past the stack) and its CRC32C; written under a temporary name then
+    renamed, as Zarr's local store does.  Zarr writes the same bytes but first
+    gathers the shard twice in memory (its chunks encoded, then joined).
+    """
+    data = _concat(list(blocks)) if any(len(b) != chunk for b in blocks[:-1]) else None
+    chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)] if data is not None else list(blocks)
+    index = np.full((per_shard, 2), 2**64 - 1, "<u8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as fh:
+            offset = 0
+            for i, block in enumerate(chunks):
+                if len(block) < chunk:
+                    pad = np.full((chunk - len(block),) + block.shape[1:], fill_value, block.dtype)
+                    block = np.concatenate([block, pad])
+                block = np.ascontiguousarray(block, block.dtype.newbyteorder("<"))
+                fh.write(memoryview(block).cast("B"))
+                fh.write(_crc(block))
+                index[i] = offset, block.nbytes + 4
+                offset += block.nbytes + 4
+            fh.write(index.tobytes() + _crc(index))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _crc(data: np.ndarray) -> bytes:
+    return np.array([google_crc32c.value(np.ascontiguousarray(data).reshape(-1).view(np.uint8))], "<u4").tobytes()
 
 
 def _remove_shards(arr: zarr.Array, folder: Path, start: int, stop: int) -> None:

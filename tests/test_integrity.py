@@ -272,26 +272,26 @@ def test_api_arrays_are_checked(arr, match):
 
 
 def test_disk_full_is_one_line_and_the_rerun_resumes(project, monkeypatch, capsys):
-    import zarr.storage._local as local
+    import pystack3d_dask.store as store
 
     folder, _ = project
     clean = tree_digest(folder / STORE_NAME)
     write_params(folder, PARAMS.replace("[1, 99999", "[2, 99999"))
-    put, calls = local._put, []
+    write_shard, calls = store.write_shard, []
 
-    def full(path, value, exclusive=False):  # the disk fills up at the second shard of cropping (8 slices)
+    def full(path, *args, **kwargs):  # the disk fills up at the second shard of cropping (8 slices)
         calls.append("cropping~new/_/c/" in str(path))
         if sum(calls) >= 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return put(path, value, exclusive)
+        return write_shard(path, *args, **kwargs)
 
-    monkeypatch.setattr(local, "_put", full)
+    monkeypatch.setattr(store, "write_shard", full)
     before = tree_digest(folder / STORE_NAME)
     code, _, err = cli_lines(capsys, "-q", "run", str(folder), "--chunk-mib", "0.0075")  # 4 slices: 4 x 48 x 38 B
     assert code == 2 and len(err) == 1
     assert err[0].startswith(f"error: the disk holding {folder / STORE_NAME} is full: ")
     assert err[0].endswith("a shard needs 14.2 KiB; free some space and run again to resume.")  # 2 chunks
-    monkeypatch.setattr(local, "_put", put)
+    monkeypatch.setattr(store, "write_shard", write_shard)
     done = {k: v for k, v in tree_digest(folder / STORE_NAME).items() if "~new" not in k}
     assert done == before  # the complete results are untouched; written chunks wait in cropping~new
     entry = Project(folder).info()["steps"]["cropping"]
@@ -302,6 +302,22 @@ def test_disk_full_is_one_line_and_the_rerun_resumes(project, monkeypatch, capsy
     write_params(folder, PARAMS)
     Project(folder, quiet=True, chunk_slices=CZ).run()
     assert tree_digest(folder / STORE_NAME) == clean
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+@pytest.mark.parametrize("shape, cz, sz", [((10, 5, 3), 2, 6), ((7, 4, 4), 1, 1), ((9, 3, 2), 3, 9), ((5, 2, 2), 5, 5)])
+def test_shards_are_written_as_zarr_writes_them(tmp_path, dtype, shape, cz, sz):
+    """Byte for byte, the last shard short of chunks and its last chunk padded included."""
+    from pystack3d_dask.store import ARRAY_CONFIG, CHECKSUM, write_shard
+
+    data = random_stack(shape, dtype)
+    arr = zarr.create_array(tmp_path / "z.zarr", shape=shape, chunks=(cz,) + shape[1:], shards=(sz,) + shape[1:],
+                            dtype=dtype, compressors=CHECKSUM, config=ARRAY_CONFIG, fill_value=0)
+    arr[:] = data
+    for i in range(-(-shape[0] // sz)):
+        blocks = [data[j : min(j + cz, shape[0])] for j in range(i * sz, min((i + 1) * sz, shape[0]), cz)]
+        write_shard(tmp_path / "ours", blocks, chunk=cz, per_shard=sz // cz, fill_value=0)
+        assert (tmp_path / "ours").read_bytes() == (tmp_path / "z.zarr" / "c" / str(i) / "0" / "0").read_bytes()
 
 
 # -- 4. change detection that users can trust ----------------------------------------------------
