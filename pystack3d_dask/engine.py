@@ -88,9 +88,9 @@ log = logging.getLogger("pystack3d_dask")
 
 #: default size of a chunk of whole slices
 CHUNK_MIB = 32.0
-#: default size of a shard (one file of whole chunks, written by one task).  A shard
-#: write holds about 3x the shard in memory; at 10 000 slices of 8192² uint16 shards of
-#: 512 MiB (4 slices) make 5 000 files per step instead of 20 000.
+#: default size of a shard (one file of whole chunks, written by one task, which holds the
+#: shard's chunks: ~1x the shard, ~3x compressed); at 10 000 slices of 8192² uint16, shards
+#: of 512 MiB (4 slices) make 5 000 files per step instead of 20 000.
 SHARD_MIB = 512.0
 
 

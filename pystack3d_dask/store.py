@@ -25,8 +25,9 @@ few hundred MiB instead of a chunk of 32 MiB divides the file count of a step
 by the chunks per shard (``Project(shard_mib=...)``).  Reads go by chunk.
 
 Completion is tracked per unit: the task that owns a unit writes its data,
-then its rows of the statistics array with ``done = 1``.  Zarr's local store
-writes every file atomically (temporary file then rename), so a unit whose
+then its rows of the statistics array with ``done = 1``.  Every file is
+written atomically (temporary file then rename: Zarr's local store, and
+:func:`write_shard` for uncompressed shards), so a unit whose
 ``done`` flag is set is whole, and a run killed at any moment restarts on the
 units whose flag is missing.  The step is marked ``complete`` only when every
 flag is set.  A second run on the same store is refused through an OS lock
