@@ -41,20 +41,24 @@ def interruptible() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
-    stopping, reason = False, [None]
+    stopping, reason = None, [None]
 
     def handler(signum: int, frame) -> None:
         nonlocal stopping
-        if stopping:
+        if stopping is not None:
             log.warning("stopping: closing the workers, please wait")
             return
-        stopping = True
-        raise reason[0] or Interrupted(signum)
+        stopping = reason[0] or Interrupted(signum)
+        raise stopping
 
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
     _stop_reason = reason
     try:
         yield
+        if stopping is not None:
+            # the exception was raised where Python only prints it (a weakref callback, a __del__)
+            # or a library swallowed it: the run went on, but it was asked to stop
+            raise stopping
     finally:
         _stop_reason = None
         _restore(previous)

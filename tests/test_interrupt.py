@@ -142,3 +142,25 @@ def test_nproc_above_the_cores_is_capped(tmp_path):
     with pytest.warns(UserWarning, match=r"nproc = 100000 is more than the \d+ cores of this machine: using \d+"):
         config = Project(project).config
     assert config.nproc == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_swallowed_where_it_landed_still_stops_the_run():
+    """Python only prints an exception raised in a weakref callback or a __del__ (and a library
+    may catch it): the run then goes on, but must still end as interrupted."""
+    import weakref
+
+    from pystack3d_dask.errors import Interrupted
+    from pystack3d_dask.signals import interruptible
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    with pytest.raises(Interrupted) as caught:
+        with interruptible():
+            # the callback runs while the object is freed; the handler raises in it
+            keep = weakref.ref(thing, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+            del thing
+            assert keep() is None  # the block ran to its end: the exception did not reach it
+    assert caught.value.exit_code == 143
