@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import google_crc32c
-import numpy as np
-import tifffile
+
+from common import noise_slices
 
 import pystack3d_dask.store as store
 from pystack3d_dask.engine import Project
@@ -74,9 +74,7 @@ def main() -> None:
     n, h, w = (int(v) for v in args.shape.split(","))
     folder = Path(tempfile.mkdtemp(prefix="bench_integrity_"))
     try:
-        rng = np.random.default_rng(0)
-        for k in range(n):
-            tifffile.imwrite(folder / f"slice_{k}.tif", rng.integers(0, 256, (h, w), np.uint8))
+        noise_slices(folder, (n, h, w))
         (folder / "params.toml").write_text(PARAMS)
         _run(folder, "on")  # warm the page cache and the imports
         times: dict[str, list[dict[str, tuple[float, float, float]]]] = {kind: [] for kind in KINDS}

@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import tifffile
+from common import noise_slices
 
 from pystack3d_dask.engine import Project
 from pystack3d_dask.store import STORE_NAME
@@ -57,9 +56,7 @@ def main() -> None:
         shards.insert(0, 0.0)
     folder = Path(tempfile.mkdtemp(prefix="bench_shards_"))
     try:
-        rng = np.random.default_rng(0)
-        for k in range(n):
-            tifffile.imwrite(folder / f"slice_{k}.tif", rng.integers(0, 256, (h, w), np.uint8))
+        noise_slices(folder, (n, h, w))
         (folder / "params.toml").write_text(PARAMS)
         _run(folder, args.chunk_mib, shards[-1])  # warm the page cache and the imports
         times: dict[float, list[dict]] = {s: [] for s in shards}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import tifffile
 
 
 class PeakMemory:
@@ -104,6 +105,13 @@ def _last_value(block: np.ndarray) -> np.ndarray:
 def drain(x) -> None:
     """Compute every chunk of the dask array ``x`` without gathering it."""
     x.map_blocks(_last_value, chunks=(1, 1, 1), dtype=np.float64).compute()
+
+
+def noise_slices(folder: Path, shape: tuple[int, int, int]) -> None:
+    """Write ``shape[0]`` uniform-noise uint8 TIFF slices (the worst case for compression) into ``folder``."""
+    rng = np.random.default_rng(0)
+    for k in range(shape[0]):
+        tifffile.imwrite(folder / f"slice_{k}.tif", rng.integers(0, 256, shape[1:], np.uint8))
 
 
 def synthetic_store(path: str, shape: tuple[int, int, int], *, defects: tuple[str, ...], dtype: str = "uint8",
