@@ -58,7 +58,8 @@ def main() -> None:
                 print(f"run {i + 1} {'with the report' if plots else '--no-plots     '}: {seconds:6.1f} s, "
                       f"CPU {cpu_seconds:6.1f} s", flush=True)
         page = folder / REPORT_DIR / "index.html"
-        shutil.rmtree(folder / REPORT_DIR / SECTIONS_DIR)  # else the report reuses the run's sections
+        # else the report reuses the run's sections (none when the last run had --no-plots)
+        shutil.rmtree(folder / REPORT_DIR / SECTIONS_DIR, ignore_errors=True)
         report_seconds, report_cpu = timed("-q", "report", str(toml))
         size = page.stat().st_size
     best = min(times[True]) / min(times[False])
