@@ -63,6 +63,12 @@ class BufferPool:
             return buf
 
 
+def crc32c(data) -> bytes:
+    """The CRC32C of ``data``'s bytes (an array of any dtype, or bytes) as stored: 4 bytes, little-endian."""
+    raw = np.ascontiguousarray(np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data)
+    return np.array([google_crc32c.value(raw.reshape(-1).view(np.uint8))], "<u4").tobytes()
+
+
 def _refcounts(buffers: list[np.ndarray]) -> list[int]:
     return [sys.getrefcount(buf) for buf in buffers]
 
@@ -80,7 +86,7 @@ class PooledCrc32cCodec(Crc32cCodec):
             return super()._encode_sync(chunk_bytes, chunk_spec)
         out = _POOL.take(data.nbytes + 4)
         out[:-4] = data
-        out[-4:] = np.array([google_crc32c.value(data)], "<u4").view(np.uint8)
+        out[-4:] = np.frombuffer(crc32c(data), np.uint8)
         return chunk_spec.prototype.buffer.from_array_like(out)
 
 

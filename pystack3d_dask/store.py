@@ -72,12 +72,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, Endian, ShardingCodec, ShardingCodecIndexLocation
 
-from pystack3d_dask.checksum import PooledCrc32cCodec
+from pystack3d_dask.checksum import PooledCrc32cCodec, crc32c
 from pystack3d_dask.errors import DamagedError, DiskFullError, StoreError
 from pystack3d_dask.kernels.dtype import clip_cast, slice_stats
 from pystack3d_dask.lazy import lazy_module
@@ -275,18 +274,14 @@ def write_shard(path: Path, blocks: Sequence[np.ndarray], *, chunk: int, per_sha
                     block = np.concatenate([block, pad])
                 block = np.ascontiguousarray(block, block.dtype.newbyteorder("<"))
                 fh.write(memoryview(block).cast("B"))
-                fh.write(_crc(block))
+                fh.write(crc32c(block))
                 index[i] = offset, block.nbytes + 4
                 offset += block.nbytes + 4
-            fh.write(index.tobytes() + _crc(index))
+            fh.write(index.tobytes() + crc32c(index))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _crc(data: np.ndarray) -> bytes:
-    return np.array([google_crc32c.value(np.ascontiguousarray(data).reshape(-1).view(np.uint8))], "<u4").tobytes()
 
 
 def _remove_shards(arr: zarr.Array, folder: Path, start: int, stop: int) -> None:
@@ -740,7 +735,7 @@ def _shard_problem(arr: zarr.Array, idx: tuple[int, ...], path: Path, found: int
     with open(path, "rb") as fh:
         fh.seek(found - index_size)
         tail = fh.read()
-    if np.uint32(google_crc32c.value(tail[:-4])).tobytes() != tail[-4:]:
+    if crc32c(tail[:-4]) != tail[-4:]:
         return "its index fails its checksum"
     table = np.frombuffer(tail[:-4], "<u8").reshape(-1, 2)
     used = table[:, 0] != 2**64 - 1
