@@ -67,6 +67,8 @@ _MANAGED = {"n_workers", "loop", "asynchronous", "job_cls", "scheduler", "name",
 DASHBOARD = ":0"
 #: where job logs go by default, inside the project's report folder
 LOG_FOLDER = "worker_logs"
+#: seconds the workers get to silence their logs before the cluster's teardown
+TEARDOWN_TIMEOUT = 10
 #: dask config key: total worker threads a run may get (the write window is sized on it)
 PLANNED_THREADS = "pystack3d_dask.planned-threads"
 
@@ -357,6 +359,23 @@ def _worker_malloc_env() -> None:
     dask.config.set({"distributed.nanny.pre-spawn-environ": env})
 
 
+def _silence_distributed() -> None:
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+def _quiet_teardown(client) -> None:
+    """Silence distributed's logs, here and on the workers, for the cluster's teardown.
+
+    Workers closed one by one log the heartbeats and data transfers that the
+    teardown breaks, with tracebacks, after a clean or an interrupted run alike:
+    the run's outcome is settled by then, and its own message must be the last
+    line.
+    """
+    _silence_distributed()
+    with contextlib.suppress(Exception):  # workers already gone (walltime) or unreachable
+        client.run(_silence_distributed, on_error="ignore", callback_timeout=TEARDOWN_TIMEOUT)
+
+
 @contextlib.contextmanager
 def scheduler(cfg: ClusterConfig | None, *, nproc: int = 1, folder: str | Path = ".") -> Iterator[bool]:
     """Run the enclosed computations on the configured scheduler.
@@ -381,6 +400,8 @@ def scheduler(cfg: ClusterConfig | None, *, nproc: int = 1, folder: str | Path =
 
     _worker_malloc_env()
     with contextlib.ExitStack() as stack:
+        distributed_log = logging.getLogger("distributed")
+        stack.callback(distributed_log.setLevel, distributed_log.level)  # runs last: after the teardown
         planned = 0
         if cfg.type == "address":
             client = stack.enter_context(Client(cfg.address))
@@ -398,6 +419,8 @@ def scheduler(cfg: ClusterConfig | None, *, nproc: int = 1, folder: str | Path =
                 planned = cfg.job_range[1] * cfg.cores
             stack.enter_context(cluster)
             client = stack.enter_context(Client(cluster))
+        if cfg.type != "address":  # a shared scheduler's workers outlive the run: their logs are theirs
+            stack.callback(_quiet_teardown, client)
         watchdog = _Watchdog(client, cfg.no_worker_timeout,
                              "all worker jobs ended" if cfg.type in _JOBQUEUE else "no worker left")
         watchdog.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import re
 import tomllib
 
@@ -11,7 +12,7 @@ from conftest import random_stack, write_params, write_slices
 from distributed import LocalCluster
 
 from pystack3d_dask.cli import main
-from pystack3d_dask.cluster import ClusterConfig, cluster_config, lifetime_args, walltime_seconds
+from pystack3d_dask.cluster import ClusterConfig, cluster_config, lifetime_args, scheduler, walltime_seconds
 from pystack3d_dask.engine import Project
 from pystack3d_dask.errors import ConfigError, WorkersLost
 from pystack3d_dask.store import STORE_NAME
@@ -94,6 +95,23 @@ def test_quiet_run_on_a_local_cluster_prints_nothing(tmp_path, capfd):
     write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\narea = [0, 8, 0, 8]\n')
     assert main(["-q", "run", "--no-plots", str(tmp_path), "--cluster", "local"]) == 0
     assert capfd.readouterr().err == ""
+
+
+def test_a_local_cluster_s_teardown_prints_nothing(capfd):
+    """Workers closed one by one log the heartbeats and transfers the teardown breaks (tracebacks
+    after the run's last line, seen on a loaded 2-core machine): a worker that logs an error
+    while it closes stands for them."""
+    from distributed import WorkerPlugin, get_client
+
+    class LogsAsItCloses(WorkerPlugin):
+        def teardown(self, worker):
+            logging.getLogger("distributed.worker").error("broken by the teardown")
+
+    level = logging.getLogger("distributed").level
+    with scheduler(ClusterConfig(type="local", n_workers=1)):
+        get_client().register_plugin(LogsAsItCloses())
+    assert "broken by the teardown" not in capfd.readouterr().err
+    assert logging.getLogger("distributed").level == level, "this process's level is restored"
 
 
 def test_no_worker_stops_the_run_and_keeps_the_shards(tmp_path):
