@@ -28,6 +28,7 @@ sizes); damaged shards are marked undone and recomputed, byte-identical.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -244,11 +245,15 @@ class Project:
             try:
                 store = ProjectStore(self.store_path, compression=self.compression)
                 store.recover()
-                with scheduler(self.cluster, nproc=cfg.nproc, folder=self.output_dir) as distributed:
+                with contextlib.ExitStack() as stack:
+                    # the cluster starts with the first step that has work: a run with nothing
+                    # to do submits no batch job and starts no worker
+                    cluster = functools.cache(lambda: stack.enter_context(
+                        scheduler(self.cluster, nproc=cfg.nproc, folder=self.output_dir)))
                     start = time.perf_counter()
-                    self._ingest(store, sources, records, zpos, report, distributed, force=INPUT in force)
+                    self._ingest(store, sources, records, zpos, report, cluster, force=INPUT in force)
                     report.seconds[INPUT] = time.perf_counter() - start
-                    self._run_steps(store, todo, force, report, distributed)
+                    self._run_steps(store, todo, force, report, cluster)
             except BaseException as exc:
                 if writer is not None:
                     writer.abort()  # no page for a run that did not end
@@ -564,7 +569,8 @@ class Project:
         return computed
 
     def _ingest(self, store: ProjectStore, sources: list[ChannelSource], records: dict, zpos,
-                report: RunReport, distributed: bool, *, force: bool) -> None:
+                report: RunReport, cluster: Callable[[], bool], *, force: bool) -> None:
+        """Ingest the input images; ``cluster()`` starts the scheduler (True: ``distributed``)."""
         cfg = self.config
         src0 = sources[0]
         shape = (src0.nslices,) + src0.shape
@@ -615,7 +621,7 @@ class Project:
                 new, n = _write_tasks(blocks, shape[0], cz, sz, store.done_units(node), str(store.path), node, key=key)
                 tasks += new
                 total += n
-            execute(tasks, total=total, desc="ingest", distributed=distributed, quiet=self.quiet, **_units(cz, sz))
+            execute(tasks, total=total, desc="ingest", distributed=cluster(), quiet=self.quiet, **_units(cz, sz))
             store.set_info(target, complete=True)
             return total
 
@@ -669,7 +675,7 @@ class Project:
         return damaged
 
     def _run_steps(self, store: ProjectStore, todo: list[str], force: set[str], report: RunReport,
-                   distributed: bool) -> None:
+                   cluster: Callable[[], bool]) -> None:
         cfg = self.config
         chain = store.info(INPUT)["hash"]
         prev = INPUT
@@ -705,7 +711,7 @@ class Project:
             start = time.perf_counter()
             report.computed[name] = self._transact(
                 store, name, chain, functools.partial(self._run_step, store, step, params, prev, chain,
-                                                      distributed), fresh=forced)
+                                                      cluster()), fresh=forced)
             report.seconds[name] = time.perf_counter() - start
             report.step_done(name)
             if self.keep == "last" and not store.info(name).get("alias"):

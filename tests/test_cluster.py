@@ -7,6 +7,7 @@ import logging
 import re
 import tomllib
 
+import dask
 import pytest
 from conftest import random_stack, write_params, write_slices
 from distributed import LocalCluster
@@ -112,6 +113,21 @@ def test_a_local_cluster_s_teardown_prints_nothing(capfd):
         get_client().register_plugin(LogsAsItCloses())
     assert "broken by the teardown" not in capfd.readouterr().err
     assert logging.getLogger("distributed").level == level, "this process's level is restored"
+
+
+def test_a_run_with_nothing_to_do_starts_no_cluster(tmp_path):
+    """A no-op run (a resumed project already complete) must not submit batch jobs: here the
+    scheduler's address is closed, so connecting to it would fail the run."""
+    write_slices(tmp_path, random_stack((4, 16, 16)))
+    write_params(tmp_path, 'process_steps = ["cropping"]\n[cropping]\narea = [0, 8, 0, 8]\n')
+    Project(tmp_path, quiet=True).run()
+    with LocalCluster(n_workers=0, dashboard_address=":0") as gone:
+        closed = {"type": "address", "address": gone.scheduler_address}
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        report = Project(tmp_path, quiet=True, cluster=closed).run()
+        assert report.skipped == ["input", "cropping"] and not report.computed
+        with pytest.raises(OSError, match="Timed out"):  # the same run with work to do connects
+            Project(tmp_path, quiet=True, cluster=closed).run(force=["cropping"])
 
 
 def test_no_worker_stops_the_run_and_keeps_the_shards(tmp_path):
