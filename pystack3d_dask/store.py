@@ -27,7 +27,7 @@ by the chunks per shard (``Project(shard_mib=...)``).  Reads go by chunk.
 Completion is tracked per unit: the task that owns a unit writes its data,
 then its rows of the statistics array with ``done = 1``.  Every file is
 written atomically (temporary file then rename: Zarr's local store, and
-:func:`write_shard` for uncompressed shards), so a unit whose
+:func:`write_shard` for the shards), so a unit whose
 ``done`` flag is set is whole, and a run killed at any moment restarts on the
 units whose flag is missing.  The step is marked ``complete`` only when every
 flag is set.  A second run on the same store is refused through an OS lock
@@ -219,10 +219,10 @@ def write_block(blocks: Sequence[np.ndarray | Block], store_path: str, node: str
     parts = [b if isinstance(b, Block) else prepare_block(b, dtype=arr.dtype, reduction=reduction) for b in blocks]
     stop = start + sum(p.data.shape[0] for p in parts)
     try:
-        if _plain_shards(arr):
+        if (encode := _shard_encoder(arr)) is not None:
             path = Path(store_path) / node / arr.metadata.encode_chunk_key((start // arr.shards[0], 0, 0))
             write_shard(path, [p.data for p in parts], chunk=arr.chunks[0], per_shard=arr.shards[0] // arr.chunks[0],
-                        fill_value=arr.fill_value)
+                        fill_value=arr.fill_value, encode=encode)
         else:
             _remove_shards(arr, Path(store_path) / node, start, stop)
             arr[start:stop] = _concat([p.data for p in parts])
@@ -239,26 +239,40 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
-def _plain_shards(arr: zarr.Array) -> bool:
-    """True when ``arr``'s shards are whole slices of uncompressed chunks, each followed by its
-    CRC32C, with a CRC32C'd index at the end (the layout :func:`write_shard` writes)."""
+def _shard_encoder(arr: zarr.Array) -> Callable[[np.ndarray], Any] | None:
+    """How :func:`write_shard` encodes a chunk of ``arr``'s shards; None when it cannot write them.
+
+    It can when the shards are whole slices of whole-slice chunks, each chunk
+    stored raw (little-endian) or Blosc-compressed and followed by its CRC32C,
+    with a CRC32C'd index at the end: the layouts this store creates.
+    """
     codec = arr.metadata.codecs[0]
     if not isinstance(codec, ShardingCodec) or arr.shards[1:] != arr.shape[1:] or arr.chunks[1:] != arr.shape[1:]:
-        return False
-    plain = (BytesCodec, Crc32cCodec)
-    return all(len(c) == 2 and all(isinstance(x, k) for x, k in zip(c, plain)) and c[0].endian in (None, Endian.little)
-               for c in (codec.codecs, codec.index_codecs)) and codec.index_location == ShardingCodecIndexLocation.end
+        return None
+    inner, index = codec.codecs, codec.index_codecs
+    if not (codec.index_location == ShardingCodecIndexLocation.end and len(index) == 2
+            and all(isinstance(c, BytesCodec) and c.endian in (None, Endian.little) for c in (inner[0], index[0]))
+            and isinstance(inner[-1], Crc32cCodec) and isinstance(index[1], Crc32cCodec)):
+        return None
+    if len(inner) == 2:
+        return memoryview
+    if len(inner) == 3 and isinstance(inner[1], BloscCodec):
+        return inner[1]._blosc_codec.encode  # numcodecs' Blosc with the array's typesize: Zarr's own bytes
+    return None
 
 
-def write_shard(path: Path, blocks: Sequence[np.ndarray], *, chunk: int, per_shard: int, fill_value: Any) -> None:
+def write_shard(path: Path, blocks: Sequence[np.ndarray], *, chunk: int, per_shard: int, fill_value: Any,
+                encode: Callable[[np.ndarray], Any] = memoryview) -> None:
     """Write a shard of whole slices as Zarr lays it out, streamed chunk by chunk into its file.
 
     The shard's chunks of ``chunk`` slices (the last one of the stack padded with
-    ``fill_value``, as Zarr pads it) each followed by the CRC32C of its bytes, then
-    the index (offset and length of each of the ``per_shard`` chunks, ``2**64 - 1``
-    for those past the stack) and its CRC32C; written under a temporary name then
-    renamed, as Zarr's local store does.  Zarr writes the same bytes but first
-    gathers the shard twice in memory (its chunks encoded, then joined).
+    ``fill_value``, as Zarr pads it), each encoded by ``encode`` (raw bytes by
+    default, or a compressor's ``encode``) and followed by the CRC32C of its
+    stored bytes, then the index (offset and length of each of the
+    ``per_shard`` chunks, ``2**64 - 1`` for those past the stack) and its
+    CRC32C; written under a temporary name then renamed, as Zarr's local store
+    does.  Zarr writes the same bytes but first gathers the shard twice in
+    memory (its chunks encoded, then joined): here one encoded chunk at a time.
     """
     data = _concat(list(blocks)) if any(len(b) != chunk for b in blocks[:-1]) else None
     chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)] if data is not None else list(blocks)
@@ -273,10 +287,11 @@ def write_shard(path: Path, blocks: Sequence[np.ndarray], *, chunk: int, per_sha
                     pad = np.full((chunk - len(block),) + block.shape[1:], fill_value, block.dtype)
                     block = np.concatenate([block, pad])
                 block = np.ascontiguousarray(block, block.dtype.newbyteorder("<"))
-                fh.write(memoryview(block).cast("B"))
-                fh.write(crc32c(block))
-                index[i] = offset, block.nbytes + 4
-                offset += block.nbytes + 4
+                stored = memoryview(encode(block)).cast("B")
+                fh.write(stored)
+                fh.write(crc32c(stored))
+                index[i] = offset, stored.nbytes + 4
+                offset += stored.nbytes + 4
             fh.write(index.tobytes() + crc32c(index))
         os.replace(tmp, path)
     except BaseException:

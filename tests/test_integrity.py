@@ -304,19 +304,24 @@ def test_disk_full_is_one_line_and_the_rerun_resumes(project, monkeypatch, capsy
     assert tree_digest(folder / STORE_NAME) == clean
 
 
+@pytest.mark.parametrize("compression", ["none", "lz4", "zstd"])
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
 @pytest.mark.parametrize("shape, cz, sz", [((10, 5, 3), 2, 6), ((7, 4, 4), 1, 1), ((9, 3, 2), 3, 9), ((5, 2, 2), 5, 5)])
-def test_shards_are_written_as_zarr_writes_them(tmp_path, dtype, shape, cz, sz):
+def test_shards_are_written_as_zarr_writes_them(tmp_path, dtype, shape, cz, sz, compression):
     """Byte for byte, the last shard short of chunks and its last chunk padded included."""
-    from pystack3d_dask.store import ARRAY_CONFIG, CHECKSUM, write_shard
+    from pystack3d_dask.store import ARRAY_CONFIG, CHECKSUM, COMPRESSION, _shard_encoder, write_shard
 
     data = random_stack(shape, dtype)
+    data[: shape[0] // 2] //= 16  # something to compress
     arr = zarr.create_array(tmp_path / "z.zarr", shape=shape, chunks=(cz,) + shape[1:], shards=(sz,) + shape[1:],
-                            dtype=dtype, compressors=CHECKSUM, config=ARRAY_CONFIG, fill_value=0)
+                            dtype=dtype, compressors=COMPRESSION[compression] + CHECKSUM, config=ARRAY_CONFIG,
+                            fill_value=0)
     arr[:] = data
+    encode = _shard_encoder(zarr.open_array(tmp_path / "z.zarr"))  # as a write task opens it
+    assert encode is not None
     for i in range(-(-shape[0] // sz)):
         blocks = [data[j : min(j + cz, shape[0])] for j in range(i * sz, min((i + 1) * sz, shape[0]), cz)]
-        write_shard(tmp_path / "ours", blocks, chunk=cz, per_shard=sz // cz, fill_value=0)
+        write_shard(tmp_path / "ours", blocks, chunk=cz, per_shard=sz // cz, fill_value=0, encode=encode)
         assert (tmp_path / "ours").read_bytes() == (tmp_path / "z.zarr" / "c" / str(i) / "0" / "0").read_bytes()
 
 
