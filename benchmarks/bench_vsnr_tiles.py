@@ -1,14 +1,17 @@
 """VSNR in x-tiles vs the whole slice: agreement at 2048^2, time and peak memory at 4096^2.
 
-Run: ``python benchmarks/bench_vsnr_tiles.py [--quick] [--size 4096] [--maxit 30]``
+Run: ``python benchmarks/bench_vsnr_tiles.py [--quick] [--sweep] [--size 4096] [--maxit 30]``
 
 1. Agreement, 2048 x 2048 curtained uint8 slice, PyStack3D's Gabor (20,
    [0.5, 200], 0), 4 tiles (the budget that plans exactly 4): relative RMS of
    tiled - untiled beyond 32 px of the outer edges, with a fixed count
    (``--maxit``, ``cvg_threshold = 0``) and with PyStack3D's stopping rule
-   (``maxit = 100``, ``cvg_threshold = 1e-2``); for the latter also how far the
-   untiled result moves between the slice's and the tiles' iteration counts
-   (the stopping rule's own resolution).
+   (``maxit = 100``, ``cvg_threshold = 1e-2``); for the latter also the
+   iterations of the slice, of the tiles (their proxy's count) and of the
+   first tile's own stopping rule (what the tiles ran before the proxy), and
+   how far from the untiled result the tiles would be at that count.
+   ``--sweep``: the same at PyStack3D's stopping rule on 15 slices from 512 x
+   768 to 4096 x 1024, 2-4 tiles, with and without added noise (~10 min).
 2. Cost, one ``--size``^2 slice through the destriping step (threaded
    scheduler, one slice, ``--maxit`` iterations), each in a fresh interpreter:
    untiled, and with ``memory_budget`` at 1/2 and 1/4 of what the untiled
@@ -33,13 +36,21 @@ from common import run_python  # noqa: E402
 
 from pystack3d_dask.kernels.vsnr import vsnr  # noqa: E402
 from pystack3d_dask.kernels.vsnr_tiles import (  # noqa: E402
+    _slice_rms,
     default_overlap,
     plan_tiles,
+    tile_width,
     tiled_bytes,
     vsnr_tiles,
 )
 
 EDGE = 32
+#: (shape, tiles, seed, added noise RMS) of --sweep
+SWEEP = [((2048, 2048), 4, 0, 0), ((2048, 2048), 4, 1, 0), ((2048, 2048), 4, 2, 5),
+         ((1024, 904), 2, 0, 0), ((1024, 904), 2, 1, 0), ((1024, 904), 2, 2, 0), ((1024, 904), 2, 0, 5),
+         ((1024, 1024), 4, 2, 0), ((1024, 1024), 4, 0, 0), ((4096, 1024), 4, 0, 0),
+         ((4096, 1024), 4, 1, 0), ((512, 1024), 4, 0, 0), ((512, 1024), 4, 1, 0), ((512, 768), 2, 0, 0),
+         ((768, 1024), 4, 0, 0)]
 
 #: the child: one slice through the step; prints tiles, seconds, RSS before and peak RSS above it
 CHILD = r"""
@@ -70,24 +81,49 @@ def rel_rms(a, b) -> float:
     return float(np.sqrt(np.mean(d**2) / np.mean(np.asarray(b, np.float64)[:, EDGE:-EDGE] ** 2)))
 
 
+def first_tile_count(img, *, tiles: int, overlap: int) -> int:
+    """The count the first tile's own stopping rule picks (what every tile ran before the proxy)."""
+    cols = (np.arange(tile_width(img.shape[1], tiles=tiles, overlap=overlap)) - overlap) % img.shape[1]
+    scale = img.max()
+    _, its = vsnr(img[:, cols], filters=FILTERS, maxit=100, cvg_threshold=1e-2, scale=[scale],
+                  rms=[_slice_rms(img, scale, np)], return_iterations=True)
+    return int(its[0])
+
+
+def stopping(img, tiles: int) -> str:
+    """Counts and relative RMS from the untiled result at ``cvg_threshold = 1e-2``."""
+    overlap = default_overlap(FILTERS, ny=img.shape[0])
+    ref, its = vsnr(img, filters=FILTERS, maxit=100, cvg_threshold=1e-2, return_iterations=True)
+    # what the step runs for a budget of this many tiles (tests: the same bits as the step)
+    out, tiled_its = vsnr_tiles(img, tiles=tiles, overlap=overlap, filters=FILTERS, maxit=100,
+                                cvg_threshold=1e-2, return_iterations=True)
+    first = first_tile_count(img, tiles=tiles, overlap=overlap)
+    before = vsnr_tiles(img, tiles=tiles, overlap=overlap, filters=FILTERS, maxit=first)
+    return (f"iterations slice {its[0]}, tiles (proxy) {tiled_its[0]}, first tile's rule {first}; "
+            f"relative RMS tiled vs untiled {rel_rms(out, ref):.2e} (at the first tile's count "
+            f"{rel_rms(before, ref):.2e})")
+
+
 def agreement(size: int, maxit: int) -> None:
     img = curtained_slices(1, (size, size))[0].astype(np.float32)
     overlap = default_overlap(FILTERS, ny=size)
     print(f"\n== agreement, {size}^2, 4 tiles, overlap {overlap} px, beyond {EDGE} px of the outer edges ==")
-    for label, it, cvg in ((f"maxit {maxit}, cvg 0", maxit, 0.0), ("maxit 100, cvg 1e-2", 100, 1e-2)):
-        budget = tiled_bytes(img.shape, tiles=4, overlap=overlap, cvg_threshold=cvg)
-        assert plan_tiles(img.shape, budget=budget, overlap=overlap, cvg_threshold=cvg) == 4
-        ref, its = vsnr(img, filters=FILTERS, maxit=it, cvg_threshold=cvg, return_iterations=True)
-        # what the step runs for this budget (tests: the same bits as the step)
-        out, tiles_its = vsnr_tiles(img, tiles=4, overlap=overlap, filters=FILTERS, maxit=it,
-                                    cvg_threshold=cvg, return_iterations=True)
-        line = f"{label:22s} relative RMS tiled vs untiled {rel_rms(out, ref):.2e}"
-        line += f" (correction: {rel_rms(img, ref):.2e} of the image)"
-        if cvg:
-            moved = vsnr(img, filters=FILTERS, maxit=int(tiles_its[0]))
-            line += (f"; the slice stops after {its[0]}, the tiles after {tiles_its[0]}: the untiled "
-                     f"result moves by {rel_rms(moved, ref):.2e} between the two")
-        print(line, flush=True)
+    budget = tiled_bytes(img.shape, tiles=4, overlap=overlap, cvg_threshold=1e-2)
+    assert plan_tiles(img.shape, budget=budget, overlap=overlap, cvg_threshold=1e-2) == 4
+    ref = vsnr(img, filters=FILTERS, maxit=maxit)
+    out = vsnr_tiles(img, tiles=4, overlap=overlap, filters=FILTERS, maxit=maxit)
+    print(f"maxit {maxit}, cvg 0: relative RMS tiled vs untiled {rel_rms(out, ref):.2e} "
+          f"(correction: {rel_rms(img, ref):.2e} of the image)", flush=True)
+    print(f"maxit 100, cvg 1e-2: {stopping(img, 4)}", flush=True)
+
+
+def sweep() -> None:
+    print(f"\n== stopping rule, cvg_threshold 1e-2, beyond {EDGE} px of the outer edges ==")
+    for size, tiles, seed, noise in SWEEP:
+        img = curtained_slices(1, size, seed=seed)[0].astype(np.float32)
+        img += np.random.default_rng(seed).normal(0, noise, size).astype(np.float32)
+        print(f"{size[0]}x{size[1]} {tiles} tiles seed {seed} noise {noise}: {stopping(img, tiles)}",
+              flush=True)
 
 
 def cost(size: int, maxit: int) -> None:
@@ -119,6 +155,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="1024^2 agreement, 2048^2 cost, 10 iterations")
     ap.add_argument("--size", type=int, default=4096, help="slice size of the cost comparison")
     ap.add_argument("--maxit", type=int, default=30)
+    ap.add_argument("--sweep", action="store_true", help="the stopping rule on 15 slices too")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     if args.quick:
@@ -127,6 +164,8 @@ def main(argv=None) -> None:
     else:
         agreement(2048, args.maxit)
         cost(args.size, args.maxit)
+    if args.sweep:
+        sweep()
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 

@@ -23,19 +23,33 @@ tile's solution agree with the whole slice's:
 * **blended seams.**  Around each seam the two tiles are blended with linear
   weights over ``overlap`` columns (``overlap / 2`` on each side), so each
   tile contributes only where it is at least ``overlap / 2`` from its edges.
-* **one stopping rule.**  With ``cvg_threshold > 0`` the first tile runs the
-  stopping rule and every other tile runs the count it picked: seams join
-  iterates of the same step.  The count is the tile's, not the slice's: the
-  rule is a ratio of maxima over the Fourier coefficients, which a tile does
-  not share with the slice (its own periodic boundary converges slowly and
-  weighs more in a narrower grid).  Measured at 2048 x 2048, 4 tiles,
-  ``cvg_threshold = 1e-2``: the slice stops after 15 iterations, the tiles
-  after 31, and the tiled result is 3.9e-3 (relative RMS) from the untiled
-  one: as far as the untiled result itself moves from 15 to 31 iterations
-  (3.85e-3), i.e. it is the untiled result at the tiles' count (with one
-  count, ``cvg_threshold = 0``: 5.0e-4).  Stopping on the slowest tile or
-  on the slice's count would need every tile's state at once, the memory
-  tiling saves.
+* **the slice's stopping point.**  With ``cvg_threshold > 0`` every tile
+  runs one count (seams join iterates of the same step), picked by the
+  stopping rule on a *proxy* of the whole slice: the slice with every
+  ``factor`` rows averaged into one (:func:`binned_rows`; the fewest that
+  make it no larger than a tile, :func:`proxy_factor`), solved with each
+  Gabor's y axis shrunk as much (:func:`binned_filters`) and the slice's
+  normalisation.  Curtains are vertical and long, so the proxy keeps what
+  the rule weighs (the low vertical frequencies where the filter lives, every
+  column, the slice's own periodic boundary), which a tile does not: the rule
+  is a ratio of maxima over Fourier coefficients, and in a tile a few columns
+  (the slice's left/right step, inside the first tile) weigh ``nx / width``
+  times more.  Measured (``benchmarks/bench_vsnr_tiles.py``, curtained
+  slices, Gabor 20, [0.5, 200], ``cvg_threshold = 1e-2``; slice / proxy /
+  first-tile counts, relative RMS from the untiled result beyond 32 px of
+  the outer edges with the proxy's and with the first tile's count):
+  2048 x 2048 in 4 tiles, 15 / 15 / 31, 1.5e-4 vs 3.9e-3; over 15 slices
+  from 512 x 768 to 4096 x 1024 (2-4 tiles, factor 2-3, with and without
+  added noise) the proxy's count is the slice's in 7, one off in 5, two or
+  three off in 3 (the first tile's: in 2, up to 16 off), and the result is
+  within 1e-3 of the untiled one in 12 (at most 1.7e-3) vs 7 (at most
+  3.9e-3).  It is not exact: near its threshold the rule's ratio falls by a
+  few % per iteration and wanders by as much, so a slightly different problem
+  crosses it a few iterations apart, and at 1e-2 the result still moves by
+  up to 8e-4 per iteration.  An exact count would need
+  the slice's Fourier coefficients at every iteration, i.e. every tile's
+  state at once (or each tile run twice).  The proxy costs one solve of
+  ``1 / factor`` of the slice, within the tiles' memory.
 
 The overlap (:func:`default_overlap`).  A column's correction depends on its
 neighbours through the ADMM's x-update ``(1 + beta |F psi|^2 |F d|^2)^-1``: at
@@ -158,6 +172,45 @@ def _slice_rms(img, scale, xp) -> float:
     return math.sqrt(total / img.size)
 
 
+def proxy_factor(ny: int, nx: int, *, width: int) -> int:
+    """Rows binned into one in the stopping-rule proxy of a ``ny x nx`` slice cut in tiles of
+    ``width`` columns: the fewest that make it no larger than a tile (so it fits where a tile does)."""
+    return min(ny, -(-nx // width))
+
+
+def binned_rows(img, factor: int, *, xp: ModuleType = np):
+    """``img`` ``(y, x)`` with every ``factor`` rows averaged into one (the last group may be shorter)."""
+    ny, nx = img.shape
+    full = ny // factor
+    out = xp.empty((-(-ny // factor), nx), xp.float32)
+    xp.mean(img[: full * factor].reshape(full, factor, nx), axis=1, out=out[:full])
+    if full < out.shape[0]:
+        xp.mean(img[full * factor :], axis=0, out=out[full])
+    return out
+
+
+def binned_filters(filters: Sequence[Mapping[str, Any]], factor: int) -> list[dict[str, Any]]:
+    """``filters`` on a grid whose rows are ``factor`` rows of the slice's: each Gabor's Gaussian
+    with its y axis shrunk ``factor`` times (re-diagonalised when tilted); a Dirac stays a Dirac."""
+    out = []
+    for f in filters:
+        if f["name"] != "Gabor" or factor == 1:
+            out.append(dict(f))
+            continue
+        sx, sy = f["sigma"]
+        t = math.radians(f.get("theta", 0.0))
+        rot = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])
+        # quadratic form of the Gaussian in (x, y) (gabor()), then in (x, y / factor)
+        form = rot.T @ np.diag([sx**-2.0, sy**-2.0]) @ rot
+        form = np.diag([1.0, factor]) @ form @ np.diag([1.0, factor])
+        eig, vec = np.linalg.eigh(form)
+        axis = int(np.argmax(np.abs(vec[0])))  # the eigenvector nearest the x axis plays x
+        vx = vec[:, axis] * np.sign(vec[0, axis])
+        out.append({**f, "sigma": (float(eig[axis] ** -0.5), float(eig[1 - axis] ** -0.5)),
+                    "theta": math.degrees(math.atan2(vx[1], vx[0]))})
+    return out
+
+
 def vsnr_tiles(
     stack,
     *,
@@ -187,7 +240,8 @@ def vsnr_tiles(
     filters, maxit, cvg_threshold, solver, pad, workers, xp
         As for :func:`~pystack3d_dask.kernels.vsnr.vsnr`.
     return_iterations : bool
-        Also return the iterations each slice ran (the same for its tiles).
+        Also return the iterations each slice ran: ``maxit``, or the count
+        its proxy's stopping rule picked (module docstring), for all its tiles.
 
     Returns
     -------
@@ -222,8 +276,9 @@ def vsnr_tiles(
     seams = [i * nx // tiles for i in range(tiles + 1)]
     # blend over overlap columns centred on each seam, at most a core's: weights stay inside a tile
     half = min(overlap // 2, min(b - a for a, b in zip(seams, seams[1:])) // 2)
-    kw = dict(filters=filters, solver=solver, pad=pad, workers=workers, xp=xp,
-              return_iterations=True)
+    factor = proxy_factor(ny, nx, width=width)
+    proxy = binned_filters(filters, factor)
+    kw = dict(solver=solver, pad=pad, workers=workers, xp=xp, return_iterations=True)
     out = xp.empty((nz, ny, nx), xp.float32)
     iterations = np.zeros(nz, int)
     for k in range(nz):
@@ -232,13 +287,16 @@ def vsnr_tiles(
         rms = [_slice_rms(img, scale, xp)]
         res = out[k]
         res[...] = 0
-        count, cvg = maxit, cvg_threshold
+        count = maxit
+        if cvg_threshold > 0:
+            # the slice's stopping point, from its proxy (module docstring)
+            _, its = vsnr(binned_rows(img, factor, xp=xp), filters=proxy, maxit=maxit,
+                          cvg_threshold=cvg_threshold, scale=scale, rms=rms, **kw)
+            count = int(its[0])
         for i in range(tiles):
             start = seams[i] - overlap
             cols = xp.asarray((start + np.arange(width)) % nx)
-            tile, its = vsnr(img[:, cols], maxit=count, cvg_threshold=cvg, scale=scale, rms=rms, **kw)
-            # the first tile's stopping point is every tile's (module docstring)
-            count, cvg = int(its[0]), 0.0
+            tile, _ = vsnr(img[:, cols], filters=filters, maxit=count, scale=scale, rms=rms, **kw)
             # linear weights, complementary across each seam, at pixel centres
             pos = np.arange(seams[i] - half, seams[i + 1] + half)
             weight = np.ones(len(pos))

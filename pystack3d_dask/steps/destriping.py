@@ -383,8 +383,9 @@ def destriping(stack, **params) -> tuple[da.Array, dict]:
         a slice that needs more is solved in overlapping x-tiles, blended
         (:mod:`pystack3d_dask.kernels.vsnr_tiles`; 5e-4 relative RMS from
         the untiled result at 2048 x 2048 in 4 tiles with a fixed iteration
-        count, more with ``cvg_threshold > 0``: the tiles stop at their own
-        count).  Default: half the worker's memory per thread.
+        count; with ``cvg_threshold > 0`` the tiles run the count a proxy of
+        the slice stops at, close to the slice's but not always equal).
+        Default: half the worker's memory per thread.
     zpos, channel, nproc, state, cast :
         See :func:`pystack3d_dask.steps.base.run_step`.
 
