@@ -10,8 +10,10 @@ Run: ``python benchmarks/bench_vsnr_tiles.py [--quick] [--sweep] [--size 4096] [
    iterations of the slice, of the tiles (their proxy's count) and of the
    first tile's own stopping rule (what the tiles ran before the proxy), and
    how far from the untiled result the tiles would be at that count.
-   ``--sweep``: the same at PyStack3D's stopping rule on 15 slices from 512 x
-   768 to 4096 x 1024, 2-4 tiles, with and without added noise (~10 min).
+   ``--sweep``: the same on 15 curtained slices from 512 x 768 to 4096 x 1024,
+   2-4 tiles, with and without added noise, on the demo's 8 curtained
+   slices at 1024^2 to 4096 x 1024 in 4 and 8 tiles, and with 3 other filter
+   sets (~15 min).
 2. Cost, one ``--size``^2 slice through the destriping step (threaded
    scheduler, one slice, ``--maxit`` iterations), each in a fresh interpreter:
    untiled, and with ``memory_budget`` at 1/2 and 1/4 of what the untiled
@@ -43,6 +45,7 @@ from pystack3d_dask.kernels.vsnr_tiles import (  # noqa: E402
     tiled_bytes,
     vsnr_tiles,
 )
+from pystack3d_dask.synthetic import SyntheticCase  # noqa: E402
 
 EDGE = 32
 #: (shape, tiles, seed, added noise RMS) of --sweep
@@ -81,24 +84,24 @@ def rel_rms(a, b) -> float:
     return float(np.sqrt(np.mean(d**2) / np.mean(np.asarray(b, np.float64)[:, EDGE:-EDGE] ** 2)))
 
 
-def first_tile_count(img, *, tiles: int, overlap: int) -> int:
+def first_tile_count(img, *, tiles: int, overlap: int, filters) -> int:
     """The count the first tile's own stopping rule picks (what every tile ran before the proxy)."""
     cols = (np.arange(tile_width(img.shape[1], tiles=tiles, overlap=overlap)) - overlap) % img.shape[1]
     scale = img.max()
-    _, its = vsnr(img[:, cols], filters=FILTERS, maxit=100, cvg_threshold=1e-2, scale=[scale],
+    _, its = vsnr(img[:, cols], filters=filters, maxit=100, cvg_threshold=1e-2, scale=[scale],
                   rms=[_slice_rms(img, scale, np)], return_iterations=True)
     return int(its[0])
 
 
-def stopping(img, tiles: int) -> str:
+def stopping(img, tiles: int, filters=FILTERS) -> str:
     """Counts and relative RMS from the untiled result at ``cvg_threshold = 1e-2``."""
-    overlap = default_overlap(FILTERS, ny=img.shape[0])
-    ref, its = vsnr(img, filters=FILTERS, maxit=100, cvg_threshold=1e-2, return_iterations=True)
+    overlap = default_overlap(filters, ny=img.shape[0])
+    kw = dict(filters=filters, maxit=100, cvg_threshold=1e-2, return_iterations=True)
+    ref, its = vsnr(img, **kw)
     # what the step runs for a budget of this many tiles (tests: the same bits as the step)
-    out, tiled_its = vsnr_tiles(img, tiles=tiles, overlap=overlap, filters=FILTERS, maxit=100,
-                                cvg_threshold=1e-2, return_iterations=True)
-    first = first_tile_count(img, tiles=tiles, overlap=overlap)
-    before = vsnr_tiles(img, tiles=tiles, overlap=overlap, filters=FILTERS, maxit=first)
+    out, tiled_its = vsnr_tiles(img, tiles=tiles, overlap=overlap, **kw)
+    first = first_tile_count(img, tiles=tiles, overlap=overlap, filters=filters)
+    before = vsnr_tiles(img, tiles=tiles, overlap=overlap, filters=filters, maxit=first)
     return (f"iterations slice {its[0]}, tiles (proxy) {tiled_its[0]}, first tile's rule {first}; "
             f"relative RMS tiled vs untiled {rel_rms(out, ref):.2e} (at the first tile's count "
             f"{rel_rms(before, ref):.2e})")
@@ -124,6 +127,19 @@ def sweep() -> None:
         img += np.random.default_rng(seed).normal(0, noise, size).astype(np.float32)
         print(f"{size[0]}x{size[1]} {tiles} tiles seed {seed} noise {noise}: {stopping(img, tiles)}",
               flush=True)
+    # the demo's curtained slices as the chain hands them to destriping (no background, no border)
+    for size, tiles in (((1024, 1024), 4), ((2048, 2048), 4), ((4096, 1024), 4), ((1024, 2048), 8)):
+        case = SyntheticCase((300,) + size, defects=("curtains",))
+        for k in case.curtain_slices:
+            img = case.defect_slice(int(np.flatnonzero(case.kept == k)[0])).astype(np.float32)
+            print(f"demo {size[0]}x{size[1]} slice {k} {tiles} tiles: {stopping(img, tiles)}", flush=True)
+    gabor = FILTERS[0]
+    for label, filters in (("theta 10", [{**gabor, "theta": 10}]),
+                           ("sigma [3, 200]", [{**gabor, "sigma": (3, 200)}]),
+                           ("+ Dirac 0.35", [gabor, {"name": "Dirac", "noise_level": 0.35}])):
+        for seed in (0, 1):
+            img = curtained_slices(1, (1024, 1536), seed=seed)[0].astype(np.float32)
+            print(f"{label} 1024x1536 3 tiles seed {seed}: {stopping(img, 3, filters)}", flush=True)
 
 
 def cost(size: int, maxit: int) -> None:
@@ -155,7 +171,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="1024^2 agreement, 2048^2 cost, 10 iterations")
     ap.add_argument("--size", type=int, default=4096, help="slice size of the cost comparison")
     ap.add_argument("--maxit", type=int, default=30)
-    ap.add_argument("--sweep", action="store_true", help="the stopping rule on 15 slices too")
+    ap.add_argument("--sweep", action="store_true", help="the stopping rule on 29 slices too")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     if args.quick:

@@ -23,33 +23,38 @@ tile's solution agree with the whole slice's:
 * **blended seams.**  Around each seam the two tiles are blended with linear
   weights over ``overlap`` columns (``overlap / 2`` on each side), so each
   tile contributes only where it is at least ``overlap / 2`` from its edges.
-* **the slice's stopping point.**  With ``cvg_threshold > 0`` every tile
-  runs one count (seams join iterates of the same step), picked by the
-  stopping rule on a *proxy* of the whole slice: the slice with every
-  ``factor`` rows averaged into one (:func:`binned_rows`; the fewest that
-  make it no larger than a tile, :func:`proxy_factor`), solved with each
-  Gabor's y axis shrunk as much (:func:`binned_filters`) and the slice's
-  normalisation.  Curtains are vertical and long, so the proxy keeps what
-  the rule weighs (the low vertical frequencies where the filter lives, every
-  column, the slice's own periodic boundary), which a tile does not: the rule
-  is a ratio of maxima over Fourier coefficients, and in a tile a few columns
-  (the slice's left/right step, inside the first tile) weigh ``nx / width``
-  times more.  Measured (``benchmarks/bench_vsnr_tiles.py``, curtained
-  slices, Gabor 20, [0.5, 200], ``cvg_threshold = 1e-2``; slice / proxy /
-  first-tile counts, relative RMS from the untiled result beyond 32 px of
-  the outer edges with the proxy's and with the first tile's count):
-  2048 x 2048 in 4 tiles, 15 / 15 / 31, 1.5e-4 vs 3.9e-3; over 15 slices
-  from 512 x 768 to 4096 x 1024 (2-4 tiles, factor 2-3, with and without
-  added noise) the proxy's count is the slice's in 7, one off in 5, two or
-  three off in 3 (the first tile's: in 2, up to 16 off), and the result is
-  within 1e-3 of the untiled one in 12 (at most 1.7e-3) vs 7 (at most
-  3.9e-3).  It is not exact: near its threshold the rule's ratio falls by a
-  few % per iteration and wanders by as much, so a slightly different problem
-  crosses it a few iterations apart, and at 1e-2 the result still moves by
-  up to 8e-4 per iteration.  An exact count would need
-  the slice's Fourier coefficients at every iteration, i.e. every tile's
-  state at once (or each tile run twice).  The proxy costs one solve of
-  ``1 / factor`` of the slice, within the tiles' memory.
+* **the slice's stopping point.** With ``cvg_threshold > 0`` every tile runs
+  one count (seams join iterates of the same step), picked by the stopping
+  rule on a *proxy* of the whole slice: the slice with every ``factor`` rows
+  averaged into one (:func:`binned_rows`; the fewest that make it no larger
+  than a tile, :func:`proxy_factor`), solved with each Gabor's y axis shrunk
+  as much (:func:`binned_filters`) and the slice's normalisation. Curtains
+  are vertical and long, so the proxy keeps what the rule weighs (the low
+  vertical frequencies where the filter lives, every column, the slice's own
+  periodic boundary), which a tile does not: the rule is a ratio of maxima
+  over Fourier coefficients, and in a tile a few columns (the slice's
+  left/right step, inside the first tile) weigh ``nx / width`` times more.
+  Measured (``benchmarks/bench_vsnr_tiles.py``, curtained slices, Gabor 20,
+  [0.5, 200], ``cvg_threshold = 1e-2``; slice / proxy / first-tile counts,
+  relative RMS from the untiled result beyond 32 px of the outer edges with
+  the proxy's and with the first tile's count): 2048 x 2048 in 4 tiles, 15 /
+  15 / 31, 1.5e-4 vs 3.9e-3; over 15 slices from 512 x 768 to 4096 x 1024
+  (2-4 tiles, factor 2-3, with and without added noise) the proxy's count is
+  the slice's in 7, one off in 5, two or three off in 3 (the first tile's:
+  in 2, up to 16 off), and the result is within 1e-3 of the untiled one in
+  12 (at most 1.7e-3) vs 7 (at most 3.9e-3); on the demo's 8 curtained
+  slices as the chain hands them over (1024 x 1024 to 4096 x 1024, 4 and 8
+  tiles) one off at most, within 7.7e-4 (first tile: up to 16 off, 5.0e-3);
+  with ``theta = 10``, ``sigma = [3, 200]`` or a Dirac added (1024 x 1536, 3
+  tiles, 2 slices each) up to two off, within 7.6e-4 (first tile: up to 28
+  off, 6.5e-3). It is not exact: near its threshold the rule's ratio falls
+  by a few % per iteration and wanders by as much, so a slightly different
+  problem crosses it a few iterations apart, and at 1e-2 the result still
+  moves by up to 8e-4 per iteration. An exact count would need the slice's
+  Fourier coefficients at every iteration, i.e. every tile's state at once
+  (or each tile run twice). The proxy costs one solve of ``1 / factor`` of
+  the slice (at 2048 x 2048 in 4 tiles, factor 3: +20-30 % CPU time),
+  within the tiles' memory (peak 0.88 of the budget, tracemalloc).
 
 The overlap (:func:`default_overlap`).  A column's correction depends on its
 neighbours through the ADMM's x-update ``(1 + beta |F psi|^2 |F d|^2)^-1``: at
