@@ -39,6 +39,7 @@ import numpy as np
 import zarr
 
 from pystack3d_dask.engine import CHUNK_MIB, SHARD_MIB
+from pystack3d_dask.kernels.vsnr_tiles import vsnr_bytes
 from pystack3d_dask.progress import _window
 from pystack3d_dask.project_config import load_config
 from pystack3d_dask.steps import get_step
@@ -52,10 +53,6 @@ DZ = 0.01
 NSMALL = 40
 #: steps whose state comes from parameters and earlier states only
 DATA_FREE = ("registration_transformation", "resampling")
-#: arrays of the slice's float32 size one VSNR slice holds at its peak (PITFALLS: ~13x)
-VSNR_FACTOR = 13
-
-
 def _refuse(*args, **kwargs):
     raise RuntimeError("the plan tried to compute data")
 
@@ -128,19 +125,21 @@ def main(argv=None) -> None:
         print(f"{name:<29}{str(out.shape):>24}{len(graph):9d}{build:9.2f}{writes:8d}{shards * tables:8d}"
               f"{chunks * tables:10d}{peak:8.1f}{pickled:8.1f}{pickled * min(1, window / shards):8.1f}")
         shape, zpos = out.shape, np.asarray(state.get("zpos", zpos), float)
-    _worker_memory(shape, dtype)
-    _worker_memory((shape[0], 2 * shape[1], 2 * shape[2]), dtype)
+    cvg = cfg.step_params["destriping"].cvg_threshold
+    _worker_memory(shape, dtype, cvg_threshold=cvg)
+    _worker_memory((shape[0], 2 * shape[1], 2 * shape[2]), dtype, cvg_threshold=cvg)
     print("  a whole-slice VSNR past a worker's memory: x-tiled VSNR with overlap ([destriping] memory_budget, "
           "issue 12) bounds it by the tile width")
 
 
-def _worker_memory(shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Print the peak memory of one worker thread: two chunks in flight and a whole-slice VSNR (13x float32)."""
+def _worker_memory(shape: tuple[int, ...], dtype: np.dtype, *, cvg_threshold: float) -> None:
+    """Print the peak memory of one worker thread: two chunks in flight and a whole-slice VSNR."""
     cz = default_chunk_slices(shape, dtype, target_mib=CHUNK_MIB)
     chunk = cz * shape[1] * shape[2] * dtype.itemsize / 2**30
-    vsnr = VSNR_FACTOR * shape[1] * shape[2] * 4 / 2**30
+    vsnr = vsnr_bytes(shape[1:], cvg_threshold=cvg_threshold) / 2**30
+    factor = vsnr * 2**30 / (shape[1] * shape[2] * 4)
     print(f"{shape[1]} x {shape[2]}: per worker thread about {2 * chunk + vsnr:,.1f} GiB = 2 chunks of {cz} "
-          f"slice(s) ({chunk:,.2f} GiB each) + VSNR on one slice ({VSNR_FACTOR}x float32: {vsnr:,.1f} GiB)")
+          f"slice(s) ({chunk:,.2f} GiB each) + VSNR on one slice ({factor:g}x float32: {vsnr:,.1f} GiB)")
 
 
 def _fields(params):
