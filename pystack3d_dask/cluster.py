@@ -40,6 +40,7 @@ import math
 import re
 import shlex
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -150,6 +151,22 @@ class ClusterConfig:
 
 _JOBQUEUE_KEYS = {"cores", "queue", "account", "walltime", "minimum_jobs", "maximum_jobs", "interface",
                   "log_directory", "job_script_prologue", "python", "local_directory", "job_extra"}
+
+
+def default_client():
+    """The default ``distributed`` client, or None (then dask's local schedulers run the graph).
+
+    A client exists only once ``distributed`` is imported: this never imports
+    it, which would cost every local run about half a second.
+    """
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import default_client as client
+
+    try:
+        return client()
+    except ValueError:
+        return None
 
 
 def cluster_config(value: ClusterConfig | Mapping | str, table: ClusterConfig | None = None) -> ClusterConfig:

@@ -29,7 +29,6 @@ import itertools
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +38,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from pystack3d_dask.cluster import default_client
 from pystack3d_dask.errors import ConfigError, StoreError
 from pystack3d_dask.kernels.downsample import mean_downsample
 
@@ -216,7 +216,7 @@ def write_ome_zarr(
     root = _open_output(path, ident, version)
     if root.attrs[EXPORT_ATTR].get("complete"):
         return path
-    distributed = _on_distributed()
+    distributed = default_client() is not None
     prev = None
     for n, level in enumerate(levels):
         stored = _level_array(root, str(n), level, arr.dtype, version)
@@ -382,16 +382,3 @@ def _ome_attrs(levels: list[Level], names: list[str], window: list[dict], unit: 
     if version == "0.4":
         return {"multiscales": [{"version": "0.4", **multiscale}], "omero": omero}
     return {"ome": {"version": "0.5", "multiscales": [multiscale], "omero": omero}}
-
-
-def _on_distributed() -> bool:
-    """True when a ``distributed`` client is the default scheduler (its tasks run on its workers)."""
-    if "distributed" not in sys.modules:  # never imported: no client (and importing it costs a second)
-        return False
-    try:
-        from distributed import default_client
-
-        default_client()
-        return True
-    except (ImportError, ValueError):
-        return False
