@@ -51,6 +51,7 @@ import dask
 
 from pystack3d_dask.config import build_params, check, fail, suggest
 from pystack3d_dask.errors import ConfigError, WorkersLost
+from pystack3d_dask.process_settings import MMAP_THRESHOLD, bound_heap_growth
 from pystack3d_dask.signals import keep_handlers, stop_run
 
 log = logging.getLogger("pystack3d_dask")
@@ -339,32 +340,6 @@ class _Watchdog(threading.Thread):
 
     def stop(self) -> None:
         self._done.set()
-
-
-#: allocations from this size up are mmapped and returned to the system when freed
-MMAP_THRESHOLD = 16 * 2**20
-
-
-def bound_heap_growth() -> None:
-    """Fix glibc's mmap and trim thresholds in this process (no-op elsewhere than glibc).
-
-    glibc raises its mmap threshold to the size of each large block freed, up
-    to 32 MiB, so chunk-sized buffers then come from the heap, which fragments
-    and keeps growing with the number of chunks processed (peak memory +50 % at
-    4x the slices).  A fixed 16 MiB threshold keeps slice-sized FFT buffers on
-    the fast heap and gives chunk-sized ones back at once: peak memory no longer
-    depends on the stack length.  The heap keeps up to as much free at its top
-    (trim threshold; glibc's 128 kiB gave each freed slice buffer back, and the
-    next one page-faulted in again: 3x the page faults of a 1024² VSNR slice).
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _worker_malloc_env() -> None:
