@@ -52,6 +52,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pystack3d_dask.kernels.vsnr import BAND_ELEMENTS, fast_shape, vsnr
 from pystack3d_dask.steps import destriping as destriping_module
@@ -270,6 +271,8 @@ def main(argv=None) -> None:
     if args.quick:
         args.repeat, args.maxit, args.slices, args.ref_maxit = 1, 10, 10, 200
     os.environ.setdefault("PYFFTW_NUM_THREADS", "1")
+    # one core per slice, as in the step: BLAS (the fast solver's row transforms) on one thread
+    threadpool_limits(limits=1, user_api="blas")
     if "per-slice" in args.only:
         for shape in ((1024, 904), (2048, 2048)):
             per_slice(shape, args.maxit, args.repeat)

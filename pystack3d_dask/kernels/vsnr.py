@@ -89,7 +89,11 @@ Speed (what differs from a textbook transcription, not the result):
   spectrum at 1024 x 904, 0.47x at 2048 x 2048, 0.63x at 1024 x 1024; the
   result moves by 5e-5 of the correction's RMS (3e-3 grey levels at most;
   the products' float32 rounding alone gives 1.5e-5) and stops at the same
-  iteration.  Tilted or Dirac filters reach most rows: the FFTs stay;
+  iteration.  The products run in BLAS, which the engine keeps on one
+  thread per task (its threaded scheduler limits it, distributed workers
+  start with ``OPENBLAS_NUM_THREADS=1``); a threaded BLAS gives other last
+  bits (5e-4 grey levels, measured) and is slower on such thin products.
+  Tilted or Dirac filters reach most rows: the FFTs stay;
 * ``pad=True`` extends each slice periodically on both sides (``numpy.pad``
   mode ``"wrap"``, the closest to the unpadded periodic model of the modes
   tried) up to a size with fast FFTs (:func:`fast_shape`) and crops the
@@ -539,7 +543,8 @@ def vsnr(
     solver : {"admm", "fast"}
         ``"admm"``: pyvsnr's iterations; ``"fast"``: over-relaxed ADMM with a
         larger penalty, stops closer to the minimiser, in 0.65-0.75x the
-        iterations at ``cvg_threshold=1e-2``, about half at 1e-3 (module
+        iterations at ``cvg_threshold=1e-2``, about half at 1e-3, and
+        transforms only the spectrum rows the filters reach (module
         docstring).
     pad : bool
         Pad each slice to fast FFT sizes (:func:`fast_shape`; faster, changes

@@ -8,7 +8,9 @@ Two methods, as in PyStack3D:
   pyvsnr package itself (``"pyvsnr"``, an optional AGPL dependency); with
   ``solver = "admm"`` (default) pyvsnr's iterations, with ``"fast"`` an
   over-relaxed ADMM that stops closer to the minimiser, in 0.65-0.75x the
-  iterations at ``cvg_threshold = 1e-2`` and about half at 1e-3;
+  iterations at ``cvg_threshold = 1e-2`` and about half at 1e-3, and whose
+  iterations cost 0.3-0.6x on vertical stripes (only the spectrum rows the
+  filter reaches are transformed);
 * the wavelet-FFT filter (:mod:`pystack3d_dask.kernels.wavelet_destripe`),
   used whenever ``wavelet_decomposition`` is given; ``filters`` is then
   ignored, with a warning.
@@ -146,7 +148,8 @@ class Params:
     #: where VSNR runs: our code on the CPU or a GPU, or the pyvsnr package
     backend: Literal["numpy", "cupy", "pyvsnr"] = "numpy"
     #: "admm": pyvsnr's iterations (its result to ~1e-3); "fast": over-relaxed ADMM, closer to the
-    #: minimiser at the same cvg_threshold, in 0.37-0.75x the iterations (kernels.vsnr, Solvers)
+    #: minimiser at the same cvg_threshold, in 0.37-0.75x the iterations, each 0.3-0.6x the time on
+    #: vertical stripes (kernels.vsnr, Solvers)
     solver: Literal["admm", "fast"] = "admm"
     #: pad slices to fast FFT sizes (kernels.vsnr.fast_shape): ~25 % faster on sizes with large
     #: prime factors (1024 x 904), but no longer pyvsnr's result near the edges (up to a few grey
@@ -373,7 +376,8 @@ def destriping(stack, **params) -> tuple[da.Array, dict]:
     solver : {"admm", "fast"}, default "admm"
         ``"admm"``: pyvsnr's iterations and result; ``"fast"``: over-relaxed
         ADMM, at the same ``cvg_threshold`` closer to the minimiser, in
-        0.65-0.75x the iterations at 1e-2, about half at 1e-3.
+        0.65-0.75x the iterations at 1e-2, about half at 1e-3, each
+        0.3-0.6x the time on vertical stripes.
     pad : bool, default False
         Pad slices to fast FFT sizes: faster on awkward sizes, but the result
         departs from pyvsnr's near the edges (and early stopping may end an
