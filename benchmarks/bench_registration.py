@@ -65,7 +65,7 @@ from pystack3d_dask.kernels.registration import alignment_ncc, register_pair
 from pystack3d_dask.kernels.warp import warp_affine
 from pystack3d_dask.steps.base import default_chunk_slices
 from pystack3d_dask.process_settings import pool_worker
-from pystack3d_dask.steps.registration_calculation import WORKER_MMAP_THRESHOLD, registration_calculation
+from pystack3d_dask.steps.registration_calculation import WORKER_HEAP, registration_calculation
 from pystack3d_dask.steps.registration_transformation import registration_transformation
 from pystack3d_dask.store import COMPRESSION
 
@@ -173,7 +173,7 @@ def _pairs(stack: np.ndarray, ks: list[int]) -> list[np.ndarray]:
 def bare_pool(stack: np.ndarray, nproc: int, repeat: int) -> float:
     """Best wall seconds of a warm pool registering ``stack``'s pairs, split evenly, data in memory."""
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(nproc, mp_context=ctx, initializer=pool_worker, initargs=(WORKER_MMAP_THRESHOLD,)) as pool:
+    with ProcessPoolExecutor(nproc, mp_context=ctx, initializer=pool_worker, initargs=WORKER_HEAP) as pool:
         for f in [pool.submit(_pairs, stack[:2], [1]) for _ in range(nproc)]:  # start and warm every worker
             f.result()
         return measure(lambda: [f.result() for f in [pool.submit(_pairs, stack, list(range(1 + i, len(stack), nproc)))

@@ -10,8 +10,20 @@ from __future__ import annotations
 MMAP_THRESHOLD = 16 * 2**20
 
 
-def bound_heap_growth(threshold: int = MMAP_THRESHOLD) -> None:
-    """Fix glibc's mmap and trim thresholds of this process at ``threshold`` bytes (no-op elsewhere).
+def set_heap_thresholds(mmap_threshold: int, trim_threshold: int) -> None:
+    """Fix glibc's mmap and trim thresholds (bytes) of this process (no-op elsewhere than glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def bound_heap_growth() -> None:
+    """Fix glibc's mmap and trim thresholds in this process at :data:`MMAP_THRESHOLD`.
 
     glibc raises its mmap threshold to the size of each large block freed, up
     to 32 MiB, so chunk-sized buffers then come from the heap, which fragments
@@ -22,17 +34,10 @@ def bound_heap_growth(threshold: int = MMAP_THRESHOLD) -> None:
     (trim threshold; glibc's 128 kiB gave each freed slice buffer back, and the
     next one page-faulted in again: 3x the page faults of a 1024² VSNR slice).
     """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, threshold)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    set_heap_thresholds(MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
-def pool_worker(mmap_threshold: int) -> None:
+def pool_worker(mmap_threshold: int, trim_threshold: int) -> None:
     """Set up a process of a pool that runs one task at a time: heap thresholds and one BLAS thread.
 
     One BLAS thread: idle OpenBLAS threads spin on the cores the other
@@ -40,5 +45,5 @@ def pool_worker(mmap_threshold: int) -> None:
     """
     from threadpoolctl import threadpool_limits
 
-    bound_heap_growth(mmap_threshold)
+    set_heap_thresholds(mmap_threshold, trim_threshold)
     threadpool_limits(1, "blas")

@@ -67,10 +67,11 @@ MAX_NAMED_OUTLIERS = 20
 #: and load another copy of it
 _PRELOAD = ["__main__", "numpy", "pystackreg", "threadpoolctl"]
 
-#: the pool's workers keep blocks up to glibc's own largest mmap threshold on their heap: with the
-#: defaults a fresh process gave back what each pair freed and page-faulted it in again (3000 faults
-#: and +20 % CPU per 300 x 340 pair, none in a process that has run a while)
-WORKER_MMAP_THRESHOLD = 32 * 2**20
+#: the pool's workers' heap (mmap and trim thresholds, bytes): blocks up to glibc's largest mmap
+#: threshold come from the heap, which keeps what a pair frees for the next one (a worker lives for
+#: the step).  With glibc's defaults each pair's buffers were given back and page-faulted in again:
+#: 40 000 faults and +20 % CPU per 1024² pair, 3000 per 300 x 340 pair.
+WORKER_HEAP = (32 * 2**20, 2**30)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +163,7 @@ def _start_method() -> multiprocessing.context.BaseContext:
 def _process_pool(nproc: int) -> Iterator[ProcessPoolExecutor]:
     """A pool of ``nproc`` fresh processes, shut down on every exit (queued pieces are cancelled)."""
     pool = ProcessPoolExecutor(nproc, mp_context=_start_method(), initializer=pool_worker,
-                               initargs=(WORKER_MMAP_THRESHOLD,))
+                               initargs=WORKER_HEAP)
     try:
         yield pool
     finally:
