@@ -10,7 +10,10 @@ slice) is written to a temporary Zarr v3 store chunked as the engine's
 shared: read ratios, not seconds):
 
 * ``pair``: pystackreg (TRANSLATION) and ``phase_correlation`` on a sample
-  of the stack's pairs, in this process, one BLAS thread; the ratio is the
+  of the stack's pairs, in this process, one BLAS thread, the heap set as the
+  step's pool workers' (glibc's defaults page-fault pystackreg's buffers in
+  again at every pair, +20 % CPU: the step's ratio would hide its overhead
+  behind that gain); the ratio is the
   speed-up per pair (target >= 10x at 1024^2).  The confidence (NCC after
   alignment) that the step adds to every pair is timed apart.
 * ``step``: ``registration_calculation`` with ``nproc`` processes (pool
@@ -64,7 +67,7 @@ from threadpoolctl import threadpool_limits
 from pystack3d_dask.kernels.registration import alignment_ncc, register_pair
 from pystack3d_dask.kernels.warp import warp_affine
 from pystack3d_dask.steps.base import default_chunk_slices
-from pystack3d_dask.process_settings import pool_worker
+from pystack3d_dask.process_settings import pool_worker, set_heap_thresholds
 from pystack3d_dask.steps.registration_calculation import WORKER_HEAP, registration_calculation
 from pystack3d_dask.steps.registration_transformation import registration_transformation
 from pystack3d_dask.store import COMPRESSION
@@ -150,6 +153,7 @@ def measure(func, repeat: int) -> tuple[float, float]:
 
 def pair_costs(stack: da.Array, repeat: int) -> dict[str, tuple[float, float]]:
     """Per method, (wall, CPU) seconds of one pair (mean over a sample of pairs); and of its confidence."""
+    set_heap_thresholds(*WORKER_HEAP)
     ks = np.unique(np.linspace(1, stack.shape[0] - 1, SAMPLE_PAIRS).round().astype(int))
     pairs = [(np.asarray(stack[k - 1]), np.asarray(stack[k])) for k in ks]
     out = {}
