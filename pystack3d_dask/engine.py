@@ -864,10 +864,8 @@ def _write_tasks(blocks: Sequence[Delayed], nz: int, cz: int, sz: int | None, do
     """
     k = (sz or cz) // cz
     tasks, total = [], 0
-    for u in range(len(done)):
+    for u in np.flatnonzero(~done).tolist():
         parts = list(blocks[u * k : (u + 1) * k])
-        if done[u]:
-            continue
         if dtype is not None and len(parts) > 1:
             parts = [dask.delayed(prepare_block)(p, dtype=dtype, reduction=reduction,
                                                   dask_key_name=f"cast-{key}-{u * k + j}")

@@ -249,16 +249,25 @@ def _shard_encoder(arr: zarr.Array) -> Callable[[np.ndarray], Any] | None:
     codec = arr.metadata.codecs[0]
     if not isinstance(codec, ShardingCodec) or arr.shards[1:] != arr.shape[1:] or arr.chunks[1:] != arr.shape[1:]:
         return None
-    inner, index = codec.codecs, codec.index_codecs
-    if not (codec.index_location == ShardingCodecIndexLocation.end and len(index) == 2
-            and all(isinstance(c, BytesCodec) and c.endian in (None, Endian.little) for c in (inner[0], index[0]))
-            and isinstance(inner[-1], Crc32cCodec) and isinstance(index[1], Crc32cCodec)):
+    inner = codec.codecs
+    if not (_checked_index(codec) and _little_endian(inner[0]) and isinstance(inner[-1], Crc32cCodec)):
         return None
     if len(inner) == 2:
         return memoryview
     if len(inner) == 3 and isinstance(inner[1], BloscCodec):
         return inner[1]._blosc_codec.encode  # numcodecs' Blosc with the array's typesize: Zarr's own bytes
     return None
+
+
+def _little_endian(codec: Any) -> bool:
+    return isinstance(codec, BytesCodec) and codec.endian in (None, Endian.little)
+
+
+def _checked_index(codec: ShardingCodec) -> bool:
+    """True when a shard's index is at its end, little-endian, followed by its CRC32C (as we write it)."""
+    index = codec.index_codecs
+    return (codec.index_location == ShardingCodecIndexLocation.end and len(index) == 2
+            and _little_endian(index[0]) and isinstance(index[1], Crc32cCodec))
 
 
 def write_shard(path: Path, blocks: Sequence[np.ndarray], *, chunk: int, per_shard: int, fill_value: Any,
@@ -741,9 +750,7 @@ def _shard_problem(arr: zarr.Array, idx: tuple[int, ...], path: Path, found: int
     if chunk_size is not None and index_size is not None:
         size = present * chunk_size + index_size
         return None if found == size else f"{found} bytes, expected {size}"
-    kinds = (BytesCodec, Crc32cCodec)
-    if (len(codec.index_codecs) != 2 or not all(isinstance(c, k) for c, k in zip(codec.index_codecs, kinds))
-            or codec.index_location != ShardingCodecIndexLocation.end):
+    if not _checked_index(codec):
         return None  # an index layout we did not write: the full read of verify checks it
     if found < index_size:
         return f"{found} bytes, less than its index"
