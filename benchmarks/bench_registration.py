@@ -68,7 +68,8 @@ from pystack3d_dask.kernels.registration import alignment_ncc, register_pair
 from pystack3d_dask.kernels.warp import warp_affine
 from pystack3d_dask.steps.base import default_chunk_slices
 from pystack3d_dask.process_settings import pool_worker, set_heap_thresholds
-from pystack3d_dask.steps.registration_calculation import WORKER_HEAP, registration_calculation
+from pystack3d_dask.processes import WORKER_HEAP
+from pystack3d_dask.steps.registration_calculation import registration_calculation
 from pystack3d_dask.steps.registration_transformation import registration_transformation
 from pystack3d_dask.store import COMPRESSION
 

@@ -55,7 +55,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from pystack3d_dask.kernels.vsnr import BAND_ELEMENTS, fast_shape, vsnr
-from pystack3d_dask.steps import destriping as destriping_module
+from pystack3d_dask.kernels import destripe as destripe_module
 from pystack3d_dask.steps.base import as_stack
 from pystack3d_dask.steps.destriping import destriping
 from pystack3d_dask.synthetic import SyntheticCase
@@ -204,14 +204,14 @@ def threads(shapes=((300, 340), (1024, 904), (1024, 1024), (2048, 2048)), maxit=
         destriping(x[:1], **params)[0].compute()  # warm-up: the filter's spectrum, FFT plans
         rates = {}
         for label, kernel in kernels.items():
-            destriping_module.vsnr = kernel  # the step calls the module's name: swap the band size
+            destripe_module.vsnr = kernel  # the step's kernel calls the module's name: swap the band size
             try:
                 for workers in (1, 2):
                     with dask.config.set(scheduler="threads", num_workers=workers):
                         t, _ = timed(lambda: destriping(x, cast=False, **params)[0].compute())
                     rates[label, workers] = n / t
             finally:
-                destriping_module.vsnr = vsnr
+                destripe_module.vsnr = vsnr
         print(f"  {shape[0]} x {shape[1]} ({n} slices):   " + "   ".join(
             f"{label}: 1 thread {rates[label, 1]:6.2f}, 2 threads {rates[label, 2]:6.2f} "
             f"(x{rates[label, 2] / rates[label, 1]:.2f})" for label in kernels))

@@ -52,6 +52,7 @@ import dask
 from pystack3d_dask.config import build_params, check, fail, suggest
 from pystack3d_dask.errors import ConfigError, WorkersLost
 from pystack3d_dask.process_settings import MMAP_THRESHOLD, bound_heap_growth
+from pystack3d_dask.processes import kernel_pool
 from pystack3d_dask.signals import keep_handlers, stop_run
 
 log = logging.getLogger("pystack3d_dask")
@@ -385,7 +386,9 @@ def scheduler(cfg: ClusterConfig | None, *, nproc: int = 1, folder: str | Path =
 
         # One BLAS thread per task: dask already runs nproc tasks at once, and BLAS threads on
         # top of them oversubscribe the cores (a per-slice least-squares fit ran 20x slower).
-        with dask.config.set(scheduler="threads", num_workers=nproc), threadpool_limits(limits=1, user_api="blas"):
+        # The kernels that hold the GIL run in nproc processes (processes.py).
+        with (dask.config.set(scheduler="threads", num_workers=nproc), threadpool_limits(limits=1, user_api="blas"),
+              kernel_pool(nproc)):
             yield False
         return
     from distributed import Client, LocalCluster

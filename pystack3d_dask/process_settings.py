@@ -38,12 +38,16 @@ def bound_heap_growth() -> None:
 
 
 def pool_worker(mmap_threshold: int, trim_threshold: int) -> None:
-    """Set up a process of a pool that runs one task at a time: heap thresholds and one BLAS thread.
+    """Set up a process of a pool that runs one task at a time: heap thresholds, one BLAS thread, no SIGINT.
 
     One BLAS thread: idle OpenBLAS threads spin on the cores the other
-    workers need.
+    workers need.  SIGINT is ignored: a Ctrl-C reaches the whole process
+    group, and the process that owns the pool decides what stops.
     """
+    import signal
+
     from threadpoolctl import threadpool_limits
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_heap_thresholds(mmap_threshold, trim_threshold)
     threadpool_limits(1, "blas")

@@ -25,6 +25,7 @@ from pystack3d_dask.kernels.registration import (
     zero_subpixel,
 )
 from pystack3d_dask.kernels.warp import warp_affine, warp_blocks
+from pystack3d_dask.processes import KernelPool
 from pystack3d_dask.steps.base import StepContext, as_stack
 from pystack3d_dask.steps import registration_calculation as calc_module
 from pystack3d_dask.steps.registration_calculation import STEP as CALC
@@ -237,7 +238,8 @@ def test_phase_correlation_pairs_match_a_plain_loop_and_stackreg(shifted):
 @pytest.mark.parametrize("main_first", [True, False], ids=["main-while-starting", "workers-only"])
 def test_processes_give_the_same_state(shifted, chunks, main_first, monkeypatch):
     if not main_first:  # wait for a worker: every piece goes to the pool
-        monkeypatch.setattr(calc_module, "_any_done", lambda fs: bool(wait(fs, return_when=FIRST_COMPLETED).done))
+        monkeypatch.setattr(KernelPool, "started",
+                            lambda self: bool(wait(self._starting.result(), return_when=FIRST_COMPLETED).done))
     before = set(multiprocessing.active_children())  # a session's LocalCluster may hold some
     _, threads = registration_calculation(as_stack(shifted, chunk_slices=chunks), nb_blocks=(2, 1))
     _, procs = registration_calculation(as_stack(shifted, chunk_slices=chunks), nproc=2, nb_blocks=(2, 1))

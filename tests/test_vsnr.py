@@ -54,10 +54,20 @@ def rel_rms(a, b) -> float:
     return float(np.sqrt(np.mean((a.astype(np.float64) - b) ** 2) / np.mean(b.astype(np.float64) ** 2)))
 
 
+@pytest.fixture(params=["spectrum", "rows"])
+def transforms(request, monkeypatch):
+    """Test slices through the whole spectrum, or (as slices from ~1024 rows up) the rows only."""
+    if request.param == "rows":
+        monkeypatch.setattr(vsnr_module, "MAX_ROWS_SHARE", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("filters", [[GABOR], TILTED], ids=["gabor", "tilted+dirac"])
-def test_matches_pyvsnr_without_early_stop(filters):
+def test_matches_pyvsnr_without_early_stop(filters, transforms):
     # 452 = 4 x 113: a slow FFT size, as in the 1024 x 904 benchmark slices
     img = striped((512, 452))
+    rows = spectrum_rows(filter_key(filters), img.shape, SOLVERS["admm"].row_tolerance)
+    assert (rows is not None) == (transforms == "rows")
     ref, its = pyvsnr_ref(img, filters, maxit=30)
     out = vsnr(img, filters=filters, maxit=30, pad=False, solver="admm")
     assert its == 30
@@ -75,7 +85,7 @@ def test_matches_pyvsnr_real_size():
 
 
 @pytest.mark.parametrize("cvg_threshold", [1e-2, 1e-3])
-def test_iteration_counts_match_pyvsnr(cvg_threshold):
+def test_iteration_counts_match_pyvsnr(cvg_threshold, transforms):
     img = striped((256, 230), seed=1)
     ref, ref_its = pyvsnr_ref(img, [GABOR], maxit=200, cvg_threshold=cvg_threshold)
     out, its = vsnr(img, filters=[GABOR], maxit=200, cvg_threshold=cvg_threshold, pad=False,
@@ -227,33 +237,29 @@ def test_row_transforms_are_the_ffts_on_those_rows():
     np.testing.assert_allclose(inverse(spec[:, rows]), expected, atol=1e-5 * np.abs(expected).max())
 
 
-@pytest.fixture
-def whole_spectrum(monkeypatch):
-    """The "fast" solver without row transforms, as a solver named "fast-fft"."""
-    monkeypatch.setitem(SOLVERS, "fast-fft", SOLVERS["fast"]._replace(row_tolerance=0.0))
-    return "fast-fft"
-
-
+@pytest.mark.parametrize("solver", ["admm", "fast"])
 @pytest.mark.parametrize("cvg_threshold", [0.0, 1e-2])
-def test_fast_solver_on_rows_matches_the_whole_spectrum(whole_spectrum, cvg_threshold):
+def test_solver_on_rows_matches_the_whole_spectrum(monkeypatch, solver, cvg_threshold):
     img = striped((1024, 452), seed=5)
-    assert spectrum_rows(filter_key([GABOR]), img.shape, SOLVERS["fast"].row_tolerance) is not None
+    assert spectrum_rows(filter_key([GABOR]), img.shape, SOLVERS[solver].row_tolerance) is not None
+    monkeypatch.setitem(SOLVERS, "whole", SOLVERS[solver]._replace(row_tolerance=0.0))
     kw = {"filters": [GABOR], "maxit": 30 if cvg_threshold == 0 else 200,
           "cvg_threshold": cvg_threshold, "return_iterations": True}
-    rows, its = vsnr(img, solver="fast", **kw)
-    full, its_full = vsnr(img, solver=whole_spectrum, **kw)
+    rows, its = vsnr(img, solver=solver, **kw)
+    full, its_full = vsnr(img, solver="whole", **kw)
     np.testing.assert_array_equal(its, its_full)
     assert 2 < its[0] <= kw["maxit"]
     # measured: 5e-5 of the correction at 1024 x 904, the products' rounding alone 1.5e-5
     assert rel_rms(rows, full) < 1e-3 * rel_rms(img, full)
 
 
-def test_fast_solver_on_rows_slice_by_slice(monkeypatch):
+@pytest.mark.parametrize("solver", ["admm", "fast"])
+def test_solver_on_rows_slice_by_slice(monkeypatch, solver):
     """Rows are picked from the filter, not the slice: a batch, bands or a slice alone, same result."""
     monkeypatch.setattr(vsnr_module, "MAX_ROWS_SHARE", 4)  # rows also at a small test size
     stack = np.stack([striped((128, 118), seed=s, amplitude=a) for s, a in enumerate((5, 20, 60))])
     assert spectrum_rows(filter_key([GABOR]), (128, 118), 1e-6) is not None
-    kw = {"filters": [GABOR], "maxit": 80, "cvg_threshold": 5e-3, "solver": "fast"}
+    kw = {"filters": [GABOR], "maxit": 80, "cvg_threshold": 5e-3, "solver": solver}
     one, its_one = vsnr(stack, return_iterations=True, **kw)
     batch, its_batch = vsnr(stack, batch=3, band=7, return_iterations=True, **kw)
     assert len(set(its_one.tolist())) > 1

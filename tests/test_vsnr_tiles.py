@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pystack3d_dask.errors import ConfigError, StepError
+from pystack3d_dask.kernels import vsnr as vsnr_module
 from pystack3d_dask.kernels.vsnr import _spectrum_on, stripe_spectrum, vsnr
 from pystack3d_dask.kernels.vsnr_tiles import (
     binned_filters,
@@ -194,12 +195,16 @@ def test_plan_picks_the_fewest_tiles_within_the_budget():
 
 @pytest.mark.parametrize("cvg_threshold", [0.0, 1e-2])
 @pytest.mark.parametrize("tiles", [1, 2, 4])
-def test_peak_memory_follows_the_budget(tiles, cvg_threshold):
+@pytest.mark.parametrize("row_transforms", [False, True], ids=["spectrum", "rows"])
+def test_peak_memory_follows_the_budget(monkeypatch, tiles, cvg_threshold, row_transforms):
     """Allocations (tracemalloc) for one slice, the float32 input included, vs the model.
 
+    The model is the whole spectrum's: the row transforms (15 rows of 1024 here) need less.
     1024 x 1024: other threads of the test process (a LocalCluster's scheduler) allocate a little
     while it is traced, negligible at this size.
     """
+    if not row_transforms:
+        monkeypatch.setattr(vsnr_module, "MAX_ROWS_SHARE", 10**6)
     img = striped((1024, 1024))
     overlap = 64
     budget = tiled_bytes(img.shape, tiles=tiles, overlap=overlap, cvg_threshold=cvg_threshold)
@@ -216,7 +221,8 @@ def test_peak_memory_follows_the_budget(tiles, cvg_threshold):
         peak = tracemalloc.get_traced_memory()[1] + img.nbytes
     finally:
         tracemalloc.stop()
-    assert 0.85 * budget <= peak <= 1.03 * budget, peak / budget  # measured 0.91-0.97
+    # measured 0.91-0.97 with the whole spectrum, 0.74-0.97 on rows
+    assert (0.7 if row_transforms else 0.85) * budget <= peak <= 1.03 * budget, peak / budget
 
 
 # -- the step -----------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ reference implementation, ``pyvsnr`` 2.3 called with ``norm=False``):
 Solvers (``solver=``; the same problem, hence the same minimiser):
 
 * ``"admm"``: the reference's ADMM, penalty ``beta = 10``; its iterates,
-  stopping point and result (to ~1e-3) are pyvsnr's;
+  stopping point and result (to ~1e-3) are pyvsnr's (on the rows its filter
+  reaches, Speed below);
 * ``"fast"``: the same ADMM over-relaxed (Eckstein & Bertsekas 1992) with
   ``alpha = 1.6``, penalty ``beta = 20``, started from ``y = 0`` (the
   reference starts from ``y = grad u0``, so that its first iteration returns
@@ -50,9 +51,6 @@ Solvers (``solver=``; the same problem, hence the same minimiser):
   slowly: after 600-1000 iterations it is still 3-4 % (RMS, relative to the
   correction) from the minimiser.  The relaxation costs no memory (it is
   folded into the stored ``z``) and two elementwise passes per iteration.
-  It also transforms only the rows of the spectrum the filter reaches
-  (Speed, below): 0.3-0.6x the time per iteration of ``"admm"`` on vertical
-  stripes from 1024 x 904 up.
 
 Speed (what differs from a textbook transcription, not the result):
 
@@ -80,8 +78,8 @@ Speed (what differs from a textbook transcription, not the result):
 * a filter of vertical stripes, long along y, reaches only a few y
   frequencies: the Gabor ``[0.5, 200]`` has 15 rows of a 1024-row spectrum
   above 1e-6 of its peak, 13 of 2048 (the 1024 tail is the grid's cut of
-  the Gaussian).  With ``"fast"`` (:attr:`Solver.row_tolerance` 1e-6) the
-  other rows are dropped, which bounds the x-update's multiplier there by
+  the Gaussian).  Both solvers (:attr:`Solver.row_tolerance` 1e-6) drop the
+  other rows, which bounds the x-update's multiplier there by
   1e-6 of its peak (:func:`spectrum_rows`): the y transform becomes a product
   with those rows' cosines and sines, before the x transform of ``2m`` rows
   only, and the spectral passes run on ``m`` rows (:func:`_transforms`), the
@@ -91,10 +89,13 @@ Speed (what differs from a textbook transcription, not the result):
   spectrum at 1024 x 904, 0.47x at 2048 x 2048, 0.63x at 1024 x 1024; the
   result moves by 5e-5 of the correction's RMS (3e-3 grey levels at most;
   the products' float32 rounding alone gives 1.5e-5) and stops at the same
-  iteration.  The products run in BLAS, which the engine keeps on one
-  thread per task (its threaded scheduler limits it, distributed workers
-  start with ``OPENBLAS_NUM_THREADS=1``); a threaded BLAS gives other last
-  bits (5e-4 grey levels, measured) and is slower on such thin products.
+  iteration; ``"admm"`` stays within 1e-3 of pyvsnr (measured 1024 x 904,
+  100 iterations).  In a PyStack3D chain at 60 x 1024 x 1024 the
+  destriping step took 0.6x the time of the whole spectrum's.  The products
+  run in BLAS, which the engine keeps on one thread per task (its threaded
+  scheduler limits it, distributed workers start with
+  ``OPENBLAS_NUM_THREADS=1``); a threaded BLAS gives other last bits (5e-4
+  grey levels, measured) and is slower on such thin products.
   Tilted or Dirac filters reach most rows: the FFTs stay;
 * ``pad=True`` extends each slice periodically on both sides (``numpy.pad``
   mode ``"wrap"``, the closest to the unpadded periodic model of the modes
@@ -143,7 +144,7 @@ class Solver(NamedTuple):
 
 
 #: "admm" is pyvsnr's (beta 10, PyStack3D never changes it), "fast" reaches the minimiser sooner
-SOLVERS: dict[str, Solver] = {"admm": Solver(10.0, 1.0, False, 0.0), "fast": Solver(20.0, 1.6, True, 1e-6)}
+SOLVERS: dict[str, Solver] = {"admm": Solver(10.0, 1.0, False, 1e-6), "fast": Solver(20.0, 1.6, True, 1e-6)}
 #: the row transforms replace the FFTs only up to ``ny / MAX_ROWS_SHARE`` rows: their two
 #: matrix products cost ``4 ny nx`` flops a row; measured break-even (one thread) about ny / 20
 MAX_ROWS_SHARE = 32

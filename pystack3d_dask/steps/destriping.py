@@ -8,9 +8,9 @@ Two methods, as in PyStack3D:
   pyvsnr package itself (``"pyvsnr"``, an optional AGPL dependency); with
   ``solver = "admm"`` (default) pyvsnr's iterations, with ``"fast"`` an
   over-relaxed ADMM that stops closer to the minimiser, in 0.65-0.75x the
-  iterations at ``cvg_threshold = 1e-2`` and about half at 1e-3, and whose
-  iterations cost 0.3-0.6x on vertical stripes (only the spectrum rows the
-  filter reaches are transformed);
+  iterations at ``cvg_threshold = 1e-2`` and about half at 1e-3; on
+  vertical stripes both transform only the spectrum rows the filter reaches
+  (0.3-0.6x the time per iteration);
 * the wavelet-FFT filter (:mod:`pystack3d_dask.kernels.wavelet_destripe`),
   used whenever ``wavelet_decomposition`` is given; ``filters`` is then
   ignored, with a warning.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import threading
 import warnings
 from collections.abc import Mapping
@@ -42,9 +41,10 @@ from dask.utils import parse_bytes
 
 from pystack3d_dask.config import check, fail, suggest
 from pystack3d_dask.errors import StepError
+from pystack3d_dask import processes
+from pystack3d_dask.kernels.destripe import destripe, nonfinite_filled
 from pystack3d_dask.kernels.vsnr import FILTER_KEYS, vsnr
-from pystack3d_dask.kernels.vsnr_tiles import default_overlap, plan_tiles, vsnr_tiles
-from pystack3d_dask.kernels.wavelet_destripe import wavelet_destripe
+from pystack3d_dask.kernels.vsnr_tiles import default_overlap, plan_tiles
 from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.steps.base import State, Step, StepContext, run_step
 
@@ -148,8 +148,7 @@ class Params:
     #: where VSNR runs: our code on the CPU or a GPU, or the pyvsnr package
     backend: Literal["numpy", "cupy", "pyvsnr"] = "numpy"
     #: "admm": pyvsnr's iterations (its result to ~1e-3); "fast": over-relaxed ADMM, closer to the
-    #: minimiser at the same cvg_threshold, in 0.37-0.75x the iterations, each 0.3-0.6x the time on
-    #: vertical stripes (kernels.vsnr, Solvers)
+    #: minimiser at the same cvg_threshold, in 0.37-0.75x the iterations (kernels.vsnr, Solvers)
     solver: Literal["admm", "fast"] = "admm"
     #: pad slices to fast FFT sizes (kernels.vsnr.fast_shape): ~25 % faster on sizes with large
     #: prime factors (1024 x 904), but no longer pyvsnr's result near the edges (up to a few grey
@@ -224,20 +223,6 @@ def _vsnr_cupy(block: np.ndarray, **kw) -> np.ndarray:
         return vsnr(block, xp=cupy, batch=batch, **kw)
 
 
-def _pyvsnr(block: np.ndarray, *, filters, maxit, cvg_threshold) -> np.ndarray:
-    from pyvsnr import vsnr2d
-
-    out = np.empty(block.shape, np.float32)
-    try:
-        for k, img in enumerate(block):
-            # one slice per call: pyvsnr stops a batch on its worst slice
-            out[k] = vsnr2d(np.asarray(img, np.float32), [dict(f) for f in filters], maxit=maxit,
-                            algo="numpy", norm=False, cvg_threshold=cvg_threshold)
-    finally:
-        np.fft = sys.modules["numpy.fft"]  # pyvsnr swaps numpy.fft for pyfftw process-wide
-    return out
-
-
 def _default_budget() -> int:
     """:data:`BUDGET_SHARE` of this worker's memory per thread (see ``Params.memory_budget``)."""
     try:
@@ -258,48 +243,24 @@ def _tiles(shape: tuple[int, int], budget: int, *, filters, cvg_threshold, solve
     return plan_tiles(shape, budget=budget, overlap=overlap, cvg_threshold=cvg_threshold, pad=pad), overlap
 
 
-def _vsnr_within(block: np.ndarray, *, budget: int | None, **kw) -> np.ndarray:
-    """VSNR on the CPU, in x-tiles when a slice needs more than ``budget`` bytes (default: the worker's)."""
+def _tiles_within(shape: tuple[int, int], budget: int | None, **kw) -> tuple[int, int]:
+    """``(tiles, overlap)`` for a slice of ``shape`` within ``budget`` bytes (default: the worker's)."""
     given = budget is not None
-    budget = budget if given else _default_budget()
     try:
-        tiles, overlap = _tiles(block.shape[1:], budget, filters=kw["filters"],
-                                cvg_threshold=kw["cvg_threshold"], solver=kw["solver"], pad=kw["pad"])
+        return _tiles(shape, budget if given else _default_budget(), filters=kw["filters"],
+                      cvg_threshold=kw["cvg_threshold"], solver=kw["solver"], pad=kw["pad"])
     except ValueError as exc:
         raise StepError(f"[destriping] memory_budget ({'given' if given else 'this worker'}): {exc}; "
                         "give more memory per worker thread or set memory_budget.") from None
-    if tiles == 1:
-        return vsnr(block, workers=1, **kw)
-    return vsnr_tiles(block, tiles=tiles, overlap=overlap, workers=1, **kw)
 
 
-def _fill_nonfinite(block: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Return ``block`` as float32 with non-finite pixels set to their slice's mean, and their mask."""
-    block = np.asarray(block, np.float32)
-    bad = ~np.isfinite(block)
-    if not bad.any():
-        return block, None
-    block = block.copy()
-    for img, m in zip(block, bad):
-        if m.any() and not m.all():
-            img[m] = img[~m].mean()
-    block[bad.all(axis=(1, 2))] = 0  # an empty slice stays empty (NaN) in the output
-    return block, bad
-
-
-def _destripe_block(block: np.ndarray, *, method: str, **kw) -> np.ndarray:
-    filled, bad = _fill_nonfinite(block)
-    if method == "wavelet":
-        out = wavelet_destripe(filled, **kw)
-    elif method == "cupy":
-        out = _vsnr_cupy(filled, **kw)
-    elif method == "pyvsnr":
-        out = _pyvsnr(filled, **kw)
-    else:
-        out = _vsnr_within(filled, **kw)
-    if bad is not None:
-        out[bad] = np.nan
-    return out
+def _destripe_block(block: np.ndarray, *, method: str, budget: int | None = None, **kw) -> np.ndarray:
+    """One task: on the GPU in this thread, else in a worker process of the run (processes.run)."""
+    if method == "cupy":
+        return nonfinite_filled(_vsnr_cupy, block, **kw)
+    if method == "numpy":
+        kw["tiles"], kw["overlap"] = _tiles_within(block.shape[1:], budget, **kw)
+    return processes.run(destripe, block, method=method, **kw)
 
 
 def apply(stack: da.Array, params: Params, state: State, ctx: StepContext) -> da.Array:
@@ -376,8 +337,7 @@ def destriping(stack, **params) -> tuple[da.Array, dict]:
     solver : {"admm", "fast"}, default "admm"
         ``"admm"``: pyvsnr's iterations and result; ``"fast"``: over-relaxed
         ADMM, at the same ``cvg_threshold`` closer to the minimiser, in
-        0.65-0.75x the iterations at 1e-2, about half at 1e-3, each
-        0.3-0.6x the time on vertical stripes.
+        0.65-0.75x the iterations at 1e-2, about half at 1e-3.
     pad : bool, default False
         Pad slices to fast FFT sizes: faster on awkward sizes, but the result
         departs from pyvsnr's near the edges (and early stopping may end an

@@ -14,9 +14,10 @@ pairs whose shift is far from their neighbours' (also named in a warning):
 one bad pair shifts every later slice.
 
 Where the pairs run: pystackreg holds the GIL, so without a ``distributed``
-client and with ``nproc > 1`` they run in a pool of ``nproc`` processes
-that lives as long as the step, forked from a fork server that imports
-numpy and pystackreg once per Python process.  The main process reads each
+client and with ``nproc > 1`` they run in the run's ``nproc`` worker
+processes (:mod:`pystack3d_dask.processes`; outside a run, a pool that
+lives as long as the step), forked from a fork server that imports numpy
+and pystackreg once per Python process.  The main process reads each
 chunk of the stack once, registers pairs itself while the workers start,
 then sends them pieces of slices that shrink towards the end so they finish
 together.  The ``phase_correlation`` method releases the GIL and runs on the
@@ -28,11 +29,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import multiprocessing
-import os
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import wait
 
 import dask
 import dask.threaded
@@ -51,7 +49,7 @@ from pystack3d_dask.kernels.registration import (
     shift_outliers,
 )
 from pystack3d_dask.lazy import lazy_module
-from pystack3d_dask.process_settings import pool_worker
+from pystack3d_dask.processes import KernelPool, kernel_pool, pool
 from pystack3d_dask.steps.base import State, Step, StepContext, run_step
 
 da = lazy_module("dask.array")
@@ -60,19 +58,6 @@ SECTION = "registration_calculation"
 
 #: slices named in the outlier warning (the state holds them all)
 MAX_NAMED_OUTLIERS = 20
-
-#: what the fork server imports once for the pool's workers: "__main__" as in Python's default list
-#: (Python up to 3.12 skips it, CPython gh-126631: each worker imports the main script, as a
-#: spawned one does); not this package, as the server may ignore the caller's sys.path (gh-117378)
-#: and load another copy of it
-_PRELOAD = ["__main__", "numpy", "pystackreg", "threadpoolctl"]
-
-#: the pool's workers' heap (mmap and trim thresholds, bytes): blocks up to glibc's largest mmap
-#: threshold come from the heap, which keeps what a pair frees for the next one (a worker lives for
-#: the step).  With glibc's defaults each pair's buffers were given back and page-faulted in again:
-#: 40 000 faults and +20 % CPU per 1024² pair, 3000 per 300 x 340 pair.
-WORKER_HEAP = (32 * 2**20, 2**30)
-
 
 @dataclasses.dataclass(frozen=True)
 class Params:
@@ -138,40 +123,8 @@ class _Reader:
         return self.buf[: stop - self.buf_start]
 
 
-def _any_done(futures: list[Future]) -> bool:
-    return any(f.done() for f in futures)
-
-
-def _start_method() -> multiprocessing.context.BaseContext:
-    """Where the pool's processes come from: a fork server where the platform has one, else spawn.
-
-    Never a fork of this process: it runs threads (dask, zarr's event loop)
-    that a fork would copy mid-flight.  Spawned workers each start an
-    interpreter and import numpy and pystackreg (~0.25 s of CPU each, in
-    every step).  The fork server, one fresh interpreter started on first
-    use and kept while this process lives, imports them once; each worker
-    is a fork of it (milliseconds).
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)  # read when the server starts; no effect once it runs
-    return context
-
-
-@contextlib.contextmanager
-def _process_pool(nproc: int) -> Iterator[ProcessPoolExecutor]:
-    """A pool of ``nproc`` fresh processes, shut down on every exit (queued pieces are cancelled)."""
-    pool = ProcessPoolExecutor(nproc, mp_context=_start_method(), initializer=pool_worker,
-                               initargs=WORKER_HEAP)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _in_processes(sub: da.Array, kwargs: dict, nproc: int, first_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Register ``sub``'s pieces in a pool of ``nproc`` processes; the main process reads them.
+def _in_processes(sub: da.Array, kwargs: dict, pool: KernelPool, first_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Register ``sub``'s pieces in the worker processes of ``pool``; the main process reads them.
 
     Until a worker has started (a fresh fork server imports numpy and
     pystackreg first, ~0.3 s), the main process registers pairs itself, one
@@ -180,23 +133,19 @@ def _in_processes(sub: da.Array, kwargs: dict, nproc: int, first_index: int) -> 
     small last ones let the workers finish together.
     """
     n, reader, results, futures = sub.shape[0], _Reader(sub), {}, {}
-    with _process_pool(nproc) as pool, ThreadPoolExecutor(1) as starter:
-        # each submit starts a worker, the first one waits for the fork server: from a thread, so that
-        # the main process registers pairs meanwhile
-        started = starter.submit(lambda: [pool.submit(os.getpid) for _ in range(nproc)])
-        start = 0
-        while start < n:
-            in_main = not (started.done() and _any_done(started.result()))
-            stop = start + (1 if in_main else max(1, (n - start) // (2 * nproc)))
-            piece = functools.partial(register_chunk, reader.piece(start, stop), has_previous=start > 0,
-                                      first_index=first_index + max(start - 1, 0), **kwargs)
-            if in_main:
-                results[start] = piece()
-            else:
-                futures[start] = pool.submit(piece)
-                wait(list(futures.values())[: -2 * nproc])  # memory: at most 2 pieces per worker read ahead
-            start = stop
-        results.update((k, f.result()) for k, f in futures.items())
+    start = 0
+    while start < n:
+        in_main = not pool.started()
+        stop = start + (1 if in_main else max(1, (n - start) // (2 * pool.nproc)))
+        piece = functools.partial(register_chunk, reader.piece(start, stop), has_previous=start > 0,
+                                  first_index=first_index + max(start - 1, 0), **kwargs)
+        if in_main:
+            results[start] = piece()
+        else:
+            futures[start] = pool.submit(piece)
+            wait(list(futures.values())[: -2 * pool.nproc])  # memory: at most 2 pieces per worker read ahead
+        start = stop
+    results.update((k, f.result()) for k, f in futures.items())
     return [results[k] for k in sorted(results)]
 
 
@@ -238,8 +187,12 @@ def compute_state(stack: da.Array, params: Params, ctx: StepContext) -> State:
                   origin=(cols.start, rows.start), method=params.method, upsample_factor=params.upsample_factor)
     client = default_client()
     if client is None and not ctx.distributed and ctx.nproc > 1 and params.method == "stackreg":
-        # pystackreg holds the GIL: threads would not register pairs side by side
-        pieces = _in_processes(sub, kwargs, ctx.nproc, ctx.first_index)
+        # pystackreg holds the GIL: threads would not register pairs side by side.  The run's
+        # processes, or (called outside a run) a pool for this step
+        with contextlib.ExitStack() as own:
+            if pool() is None:
+                own.enter_context(kernel_pool(ctx.nproc))
+            pieces = _in_processes(sub, kwargs, pool(), ctx.first_index)
     else:
         workers = sum(client.nthreads().values()) if client is not None else ctx.nproc
         # one BLAS thread, as in distributed's workers: the upsampled DFT's matrix products round
