@@ -48,6 +48,7 @@ import dask
 import numpy as np
 from dask.delayed import Delayed
 
+from pystack3d_dask import processes
 from pystack3d_dask.cluster import ClusterConfig, cluster_config, scheduler
 from pystack3d_dask.config import params_hash, suggest
 from pystack3d_dask.errors import ConfigError, DamagedError, DiskFullError, InputError, StoreError
@@ -248,8 +249,7 @@ class Project:
                 with contextlib.ExitStack() as stack:
                     # the cluster starts with the first step that has work: a run with nothing
                     # to do submits no batch job and starts no worker
-                    cluster = functools.cache(lambda: stack.enter_context(
-                        scheduler(self.cluster, nproc=cfg.nproc, folder=self.output_dir)))
+                    cluster = functools.cache(lambda: self._start_scheduler(stack, todo))
                     start = time.perf_counter()
                     self._ingest(store, sources, records, zpos, report, cluster, force=INPUT in force)
                     report.seconds[INPUT] = time.perf_counter() - start
@@ -720,6 +720,19 @@ class Project:
                 if source != INPUT:
                     store.discard(source, [channel_key(ch) for ch in cfg.channels])
             prev = name
+
+    def _start_scheduler(self, stack: contextlib.ExitStack, todo: list[str]) -> bool:
+        """Enter the run's scheduler on ``stack``; True for ``distributed``.
+
+        With threads, the worker processes of the steps in ``todo`` that use them start now,
+        in the background, while the first steps compute (their fork server takes ~0.3 s).
+        """
+        cfg = self.config
+        distributed = stack.enter_context(scheduler(self.cluster, nproc=cfg.nproc, folder=self.output_dir))
+        if not distributed and any((step := get_step(name)).in_processes is not None
+                                   and step.in_processes(cfg.step_params[name]) for name in todo):
+            processes.pool()
+        return distributed
 
     @staticmethod
     def _recompute_discarded(store: ProjectStore, todo: list[str], chains: list[str], force: set[str]) -> set[str]:

@@ -85,6 +85,10 @@ class Step:
     #: ``check_shape(params, shape)``: raise ``ConfigError`` when the parameters cannot work on an
     #: input of this ``(z, y, x)`` shape (an upper bound, see ``output_shape``); called before any work
     check_shape: Callable[[Any, tuple[int, int, int]], None] | None = None
+    #: ``in_processes(params)``: whether the step hands kernels to the run's worker processes
+    #: (:mod:`pystack3d_dask.processes`) with these parameters; the engine then starts them with
+    #: the run, while the first steps compute
+    in_processes: Callable[[Any], bool] | None = None
 
     def shape_out(self, params: Any, shape: tuple[int, int, int]) -> tuple[int, int, int]:
         """The result's shape (an upper bound where the state decides) for an input ``shape``."""

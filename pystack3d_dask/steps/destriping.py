@@ -310,7 +310,8 @@ def _check_budget(params: Params, shape: tuple[int, int, int]) -> None:
         fail(SECTION, "memory_budget", params.memory_budget, str(exc))
 
 
-STEP = Step(name="destriping", Params=Params, apply=apply, check_shape=_check_budget)
+STEP = Step(name="destriping", Params=Params, apply=apply, check_shape=_check_budget,
+            in_processes=lambda params: params.backend != "cupy")
 
 
 def destriping(stack, **params) -> tuple[da.Array, dict]:

@@ -227,7 +227,7 @@ def check_shape(params: Params, shape: tuple[int, int, int]) -> None:
 
 
 STEP = Step(name=SECTION, Params=Params, apply=apply, compute_state=compute_state, shared_state=True,
-            check_shape=check_shape)
+            check_shape=check_shape, in_processes=lambda params: params.method == "stackreg")
 
 
 def registration_calculation(stack, *, nproc: int = 1, **params) -> tuple[da.Array, State]:
