@@ -23,6 +23,9 @@ shared: read ratios, not seconds):
   the wall ratio (target <= 1.15) and the CPU ratio (CPU seconds of the main
   process and the workers over the pairs' CPU seconds: the overhead the load
   of other programs cannot hide), interleaved ``--repeat`` times, best kept.
+  ``stackreg, in a run``: the same with the workers started beforehand,
+  as a run starts them while its first steps compute (the fork server's
+  start, ~0.3 s of CPU, is then outside the step).
   ``phase_correlation`` runs in ``nproc`` threads.  ``bare pool`` is the
   floor measured under the same load: a warm pool of ``nproc`` processes
   set up as the step's workers (one BLAS thread, the same heap thresholds)
@@ -77,26 +80,34 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import drain  # noqa: E402
 
 METHODS = ("stackreg", "phase_correlation")
+#: stackreg with the workers started before the step, as in a run (see OUR_STEP)
+IN_RUN = "stackreg, in a run"
 #: pairs timed one by one for the cost of one pair (spread over the stack)
 SAMPLE_PAIRS = 8
 #: PyStack3D's parameter file, reduced to this step
 CONFIG = Path(__file__).parents[1] / "configs" / "pystack3d_params.toml"
 
 #: our step as a run of the command line meets it: a fresh process whose main module is light
-#: (spawned workers import it again) and whose fork server starts cold; CPU seconds include the pool's
+#: (spawned workers import it again) and whose fork server starts cold; CPU seconds include the pool's.
+#: With "run" as a 4th argument, the workers are already started, as the engine starts them with a
+#: run while its first steps compute
 OUR_STEP = """
 import json, sys, time
 import dask, dask.array as da, psutil, zarr
 from threadpoolctl import threadpool_limits
+from pystack3d_dask.processes import kernel_pool, pool
 from pystack3d_dask.steps.registration_calculation import registration_calculation
 
-def cpu():  # this process and its children: the pool's workers, or the fork server and the workers it reaped
-    procs = [psutil.Process()] + psutil.Process().children()
+def cpu():  # this process and its descendants: the fork server, the workers alive and those it reaped
+    procs = [psutil.Process()] + psutil.Process().children(recursive=True)
     return sum(sum(p.cpu_times()[:4]) for p in procs)
 
 z = zarr.open_array(sys.argv[1], mode="r")
-nproc, method = int(sys.argv[2]), sys.argv[3]
-with dask.config.set(scheduler="threads", num_workers=nproc), threadpool_limits(limits=1, user_api="blas"):
+nproc, method, in_run = int(sys.argv[2]), sys.argv[3], sys.argv[4:] == ["run"]
+with (dask.config.set(scheduler="threads", num_workers=nproc), threadpool_limits(limits=1, user_api="blas"),
+      kernel_pool(nproc if in_run else 1)):
+    if in_run:
+        [f.result() for f in [pool().submit(time.sleep, 0.2) for _ in range(nproc)]]
     c0, t0 = cpu(), time.perf_counter()
     registration_calculation(da.from_zarr(z, chunks=z.chunks), nproc=nproc, method=method)
     print(json.dumps([time.perf_counter() - t0, cpu() - c0]))
@@ -208,9 +219,13 @@ def pystack3d_step(python: str, folder: Path, nproc: int) -> float:
 
 
 def our_step(path: str, nproc: int, method: str) -> tuple[float, float]:
-    """(wall, CPU) seconds of our registration_calculation on the Zarr array ``path``, in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", OUR_STEP, path, str(nproc), method], check=True, capture_output=True,
-                         text=True).stdout
+    """(wall, CPU) seconds of our registration_calculation on the Zarr array ``path``, in a fresh process.
+
+    ``method`` "stackreg, in a run": stackreg with the workers started beforehand (see OUR_STEP).
+    """
+    method, _, in_run = method.partition(", in a ")
+    out = subprocess.run([sys.executable, "-c", OUR_STEP, path, str(nproc), method, in_run], check=True,
+                         capture_output=True, text=True).stdout
     return tuple(json.loads(out.strip().splitlines()[-1]))
 
 
@@ -227,30 +242,33 @@ def step_section(path: str, nproc: int, repeat: int, pystack3d: str | None, tmp:
           f"x{sr_wall / pc_wall:5.1f} per pair   (+ confidence {1e3 * cost['confidence'][0]:.1f} ms: "
           f"x{sr_wall / (pc_wall + cost['confidence'][0]):.1f} with it)")
     folder = None if pystack3d is None else pystack3d_folder(x, Path(tmp) / f"tiff_{'x'.join(map(str, shape))}")
-    walls = {method: [] for method in METHODS}
-    cpus = {method: [] for method in METHODS}
+    variants = (*METHODS, IN_RUN)
+    walls = {method: [] for method in variants}
+    cpus = {method: [] for method in variants}
     ps3d = []
     with dask.config.set(scheduler="threads", num_workers=nproc), threadpool_limits(limits=1, user_api="blas"):
         t_bare = bare_pool(np.asarray(x), nproc, repeat)
         for _ in range(repeat):  # interleaved: a change of load hits every contender
-            for method in METHODS:
+            for method in variants:
                 wall, cpu = our_step(path, nproc, method)
                 walls[method].append(wall)
                 cpus[method].append(cpu)
             if folder is not None:
                 ps3d.append(pystack3d_step(pystack3d, folder, nproc))
-    for method in METHODS:
+    for method in variants:
         wall, cpu = min(walls[method]), min(cpus[method])
-        pair_wall, pair_cpu = cost[method][0] + cost["confidence"][0], cost[method][1] + cost["confidence"][1]
+        kernel = method.split(",")[0]
+        pair_wall, pair_cpu = cost[kernel][0] + cost["confidence"][0], cost[kernel][1] + cost["confidence"][1]
         ideal = pairs * pair_wall / nproc
         print(f"step  {method:17s} {wall:7.2f} s   pairs x pair / nproc {ideal:7.2f} s   "
               f"wall ratio {wall / ideal:5.2f}   CPU ratio {cpu / (pairs * pair_cpu):5.2f}   "
               f"{pairs / wall:6.1f} pairs/s" + (f"   ratio to bare pool {wall / t_bare:5.2f}"
-                                                  if method == "stackreg" else ""))
+                                                  if kernel == "stackreg" else ""))
     print(f"bare pool (stackreg, warm, in memory)   {t_bare:7.2f} s")
     ours = min(walls["stackreg"])
     row = {"pairs": pairs, "pair ms": 1e3 * (sr_wall + cost["confidence"][0]),
-           "ideal s": pairs * (sr_wall + cost["confidence"][0]) / nproc, "ours s": ours, "bare pool s": t_bare}
+           "ideal s": pairs * (sr_wall + cost["confidence"][0]) / nproc, "ours s": ours,
+           "in a run s": min(walls[IN_RUN]), "bare pool s": t_bare}
     if ps3d:
         row["PyStack3D s"] = min(ps3d)
         print(f"PyStack3D's registration_calculation     {min(ps3d):7.2f} s   ours is x{min(ps3d) / ours:5.2f} faster")
@@ -300,11 +318,12 @@ def main(argv=None) -> None:
                 transformation_section(x, nproc)
     print(f"\nregistration_calculation (stackreg, TRANSLATION, nproc = {nproc}), best of {args.repeat}:")
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))
-    print(f"{'stack':>16}" + "".join(f"{k:>13}" for k in keys) + f"{'ours/ideal':>12}{'ours/bare':>11}"
+    print(f"{'stack':>16}" + "".join(f"{k:>13}" for k in keys) + f"{'ours/ideal':>12}{'run/ideal':>11}{'ours/bare':>11}"
           + (f"{'PS3D/ours':>11}" if "PyStack3D s" in keys else ""))
     for shape, row in rows.items():
         cells = "".join(f"{row[k]:13.0f}" if k == "pairs" else f"{row.get(k, float('nan')):13.2f}" for k in keys)
-        ratios = f"{row['ours s'] / row['ideal s']:12.2f}{row['ours s'] / row['bare pool s']:11.2f}"
+        ratios = (f"{row['ours s'] / row['ideal s']:12.2f}{row['in a run s'] / row['ideal s']:11.2f}"
+                  f"{row['ours s'] / row['bare pool s']:11.2f}")
         if "PyStack3D s" in row:
             ratios += f"{row['PyStack3D s'] / row['ours s']:11.2f}"
         print(f"{'x'.join(map(str, shape)):>16}" + cells + ratios)

@@ -23,17 +23,18 @@ Run: ``python benchmarks/bench_vsnr.py [--quick] [--repeat 3] [--maxit 30] [--sl
    PyStack3D's default parameters (Gabor 20 / [0.5, 200] / 0, ``maxit`` 100,
    ``cvg_threshold`` 1e-2), threaded scheduler with 2 workers, vs pyvsnr on
    the same slices in 2 processes (one slice per call).
-4. Threads: the destriping step (threaded scheduler, ``maxit`` 30 without
-   early stop) on 1 and 2 workers, at 300 x 340, 1024 x 904, 1024 x 1024 and
-   2048 x 2048, with today's bands (:data:`BAND_ELEMENTS` pixels) and with the
-   16-row bands of before (same bits): slices per second and the 2-worker
-   speed-up.  Between numpy calls Python holds the GIL: bands of few pixels
-   spend much of their time there, and the two threads take turns.
+4. Workers: the destriping step (threaded scheduler, ``maxit`` 30 without
+   early stop) on 1 thread, 2 threads, and 2 threads that hand the blocks to
+   2 worker processes (:mod:`pystack3d_dask.processes`, as a run with
+   ``nproc = 2`` does), at 300 x 340, 1024 x 904, 1024 x 1024 and 2048 x
+   2048: slices per second and the speed-up over one thread.  Between numpy
+   calls Python holds the GIL: two threads take turns there, two processes
+   do not.
 5. Only when CuPy and a GPU are present: seconds per slice at 2048^2 and
    4224^2 (batched), and the projected time for 2000 slices of 2000^2.
 
 ``--quick``: fewer iterations, slices and repeats, references after 200
-iterations (a smoke run, a few minutes); ``--only solvers threads``: some sections.
+iterations (a smoke run, a few minutes); ``--only solvers workers``: some sections.
 This machine is shared: compare the ratios, not the seconds.
 """
 
@@ -54,14 +55,14 @@ import dask
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pystack3d_dask.kernels.vsnr import BAND_ELEMENTS, fast_shape, vsnr
-from pystack3d_dask.kernels import destripe as destripe_module
+from pystack3d_dask.kernels.vsnr import fast_shape, vsnr
+from pystack3d_dask.processes import kernel_pool
 from pystack3d_dask.steps.base import as_stack
 from pystack3d_dask.steps.destriping import destriping
 from pystack3d_dask.synthetic import SyntheticCase
 
 FILTERS = [{"name": "Gabor", "noise_level": 20, "sigma": (0.5, 200), "theta": 0}]
-SECTIONS = ["per-slice", "solvers", "step", "threads", "gpu"]
+SECTIONS = ["per-slice", "solvers", "step", "workers", "gpu"]
 #: the kernel issue 10 measured (its solver line compares against it)
 ISSUE_10_REV = "88fa41e"
 
@@ -192,29 +193,24 @@ def solvers(shape: tuple[int, int], repeat: int, ref_maxit: int, old) -> None:
                   f"x{ratio:.2f} the time   to fast: {d[0]:.3f}   to admm: {d[1]:.3f}{verdict}")
 
 
-def threads(shapes=((300, 340), (1024, 904), (1024, 1024), (2048, 2048)), maxit=30,
+def workers(shapes=((300, 340), (1024, 904), (1024, 1024), (2048, 2048)), maxit=30,
             pixels=16 * 1024 * 1024) -> None:
-    """Slices per second of the destriping step on 1 and 2 threads, today's bands vs 16 rows."""
-    kernels = {f"bands of {BAND_ELEMENTS} px": vsnr, "bands of 16 rows": functools.partial(vsnr, band=16)}
+    """Slices per second of the destriping step: 1 thread, 2 threads, 2 threads handing to 2 processes."""
     params = {"filters": FILTERS, "maxit": maxit, "cvg_threshold": 0.0}
     print(f"\ndestriping step, threaded scheduler, maxit {maxit} (no early stop), slices per second:")
     for shape in shapes:
         n = max(4, 2 * round(pixels / (2 * shape[0] * shape[1])))
         x = as_stack(curtained_slices(n, shape))
-        destriping(x[:1], **params)[0].compute()  # warm-up: the filter's spectrum, FFT plans
         rates = {}
-        for label, kernel in kernels.items():
-            destripe_module.vsnr = kernel  # the step's kernel calls the module's name: swap the band size
-            try:
-                for workers in (1, 2):
-                    with dask.config.set(scheduler="threads", num_workers=workers):
-                        t, _ = timed(lambda: destriping(x, cast=False, **params)[0].compute())
-                    rates[label, workers] = n / t
-            finally:
-                destripe_module.vsnr = vsnr
+        for label, nthreads, nproc in (("1 thread", 1, 1), ("2 threads", 2, 1), ("2 processes", 2, 2)):
+            with dask.config.set(scheduler="threads", num_workers=nthreads), kernel_pool(nproc):
+                # warm-up: the filter's spectrum and FFT plans (in each process: one slice each)
+                destriping(x[:nproc], cast=False, **params)[0].rechunk((1, -1, -1)).compute()
+                t, _ = timed(lambda: destriping(x, cast=False, **params)[0].compute())
+            rates[label] = n / t
+        one = rates["1 thread"]
         print(f"  {shape[0]} x {shape[1]} ({n} slices):   " + "   ".join(
-            f"{label}: 1 thread {rates[label, 1]:6.2f}, 2 threads {rates[label, 2]:6.2f} "
-            f"(x{rates[label, 2] / rates[label, 1]:.2f})" for label in kernels))
+            f"{label} {rate:6.2f} (x{rate / one:.2f})" for label, rate in rates.items()))
 
 
 def step_vs_processes(nslices: int) -> None:
@@ -282,8 +278,8 @@ def main(argv=None) -> None:
             solvers(shape, args.repeat, args.ref_maxit, old)
     if "step" in args.only:
         step_vs_processes(args.slices)
-    if "threads" in args.only:
-        threads(maxit=5 if args.quick else 30)
+    if "workers" in args.only:
+        workers(maxit=5 if args.quick else 30)
     if "gpu" not in args.only:
         return
     try:
