@@ -22,6 +22,7 @@ VSNR task on a large slice lasts minutes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import threading
@@ -96,10 +97,17 @@ class KernelPool:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
+@dataclasses.dataclass
+class _Slot:
+    """The pool of a :func:`kernel_pool` block: its size, and the pool once started."""
+
+    nproc: int
+    pool: KernelPool | None = None
+
+
 _lock = threading.Lock()
-#: the run's pool and its size: None outside kernel_pool or with nproc 1; the pool itself None
-#: until first used
-_active: list | None = None
+#: the innermost kernel_pool block's slot; None outside one, or in one of nproc 1
+_active: _Slot | None = None
 
 
 @contextlib.contextmanager
@@ -111,7 +119,7 @@ def kernel_pool(nproc: int) -> Iterator[None]:
     """
     global _active
     with _lock:
-        previous, _active = _active, ([nproc, None] if nproc > 1 else None)
+        previous, _active = _active, (_Slot(nproc) if nproc > 1 else None)
         mine = _active
     ok = False
     try:
@@ -120,8 +128,8 @@ def kernel_pool(nproc: int) -> Iterator[None]:
     finally:
         with _lock:
             _active = previous
-        if mine is not None and mine[1] is not None:
-            mine[1].close(kill=not ok)
+        if mine is not None and mine.pool is not None:
+            mine.pool.close(kill=not ok)
 
 
 def pool() -> KernelPool | None:
@@ -129,9 +137,9 @@ def pool() -> KernelPool | None:
     with _lock:
         if _active is None:
             return None
-        if _active[1] is None:
-            _active[1] = KernelPool(_active[0])
-        return _active[1]
+        if _active.pool is None:
+            _active.pool = KernelPool(_active.nproc)
+        return _active.pool
 
 
 def run(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
