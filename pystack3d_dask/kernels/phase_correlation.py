@@ -40,11 +40,14 @@ anyway).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from types import ModuleType
 
 import numpy as np
+
+from pystack3d_dask.kernels.fft import irfft2
 
 #: each end of the window's cosine taper (Tukey): this fraction of the side, at least TAPER_PX px
 TAPER, TAPER_PX = 0.05, 16
@@ -80,8 +83,12 @@ def _windowed(image, box: tuple[tuple[float, float], tuple[float, float]], xp: M
     return (img - img.mean()) * _taper(img.shape[0], y_lo, y_hi, xp)[:, None] * _taper(img.shape[1], x_lo, x_hi, xp)
 
 
+@functools.lru_cache(maxsize=8)
 def _smoothing(shape: tuple[int, int], xp: ModuleType):
-    """Half-spectrum of a Gaussian of ``SMOOTHING`` px applied to both images: ``|G|^2``."""
+    """Half-spectrum of a Gaussian of ``SMOOTHING`` px applied to both images: ``|G|^2``.
+
+    Kept for the next pair of the same shape: the float64 exponential takes as long as an FFT.
+    """
     f2 = np.fft.fftfreq(shape[0])[:, None] ** 2 + np.fft.rfftfreq(shape[1])[None, :] ** 2
     return xp.asarray(np.exp(-4 * np.pi**2 * SMOOTHING**2 * f2), dtype=xp.float32)
 
@@ -159,7 +166,7 @@ def translation(ref, mov, *, upsample_factor: int = 20) -> tuple[float, float]:
     ref_spectrum = fft.rfft2(_windowed(ref, whole, xp)).conj() * smoothing
     # F(mov) F(ref)*: the correlation peaks at the displacement of mov's content
     cross = fft.rfft2(_windowed(mov, whole, xp)) * ref_spectrum
-    corr = fft.irfft2(cross, s=shape)
+    corr = irfft2(cross, shape) if xp is np else fft.irfft2(cross, s=shape)
     peak = np.unravel_index(int(corr.argmax()), shape)
     # signed integer shift: positions past the middle wrap to negative shifts
     y0, x0 = (p - n if p > n // 2 else p for p, n in zip(peak, shape))
