@@ -729,8 +729,7 @@ class Project:
         """
         cfg = self.config
         distributed = stack.enter_context(scheduler(self.cluster, nproc=cfg.nproc, folder=self.output_dir))
-        if not distributed and any((step := get_step(name)).in_processes is not None
-                                   and step.in_processes(cfg.step_params[name]) for name in todo):
+        if not distributed and any(get_step(name).uses_processes(cfg.step_params[name]) for name in todo):
             processes.pool()
         return distributed
 

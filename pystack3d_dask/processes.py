@@ -1,8 +1,9 @@
 """Processes for the kernels that hold the GIL, beside dask's threaded scheduler.
 
 pystackreg holds the GIL for a whole pair, and numpy's VSNR takes it for each
-of its ~40 calls per band and iteration: on 300 x 340 slices two threads
-correct 1.35x as many slices as one, and 1.6-1.8x on 1024².  With the
+of its ~40 calls per band and iteration: two threads correct 1.2-1.6x as
+many slices as one thread, two processes 1.6-1.8x (300 x 340 to 2048²,
+``benchmarks/bench_vsnr.py --only workers``).  With the
 threaded scheduler and ``nproc > 1``, :func:`kernel_pool` keeps a pool of
 ``nproc`` processes for the whole run (:func:`cluster.scheduler` opens it);
 a task hands such a kernel to it with :func:`run` and waits, its thread

@@ -7,6 +7,7 @@ which import it before their first block.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -62,12 +63,10 @@ def destripe(block: np.ndarray, *, method: Literal["numpy", "pyvsnr", "wavelet"]
     ``tiles`` x-tiles of ``overlap`` columns when more than one), pyvsnr's, or
     the wavelet-FFT filter; ``kw`` are the method's parameters.
     """
-    if method == "wavelet":
-        return nonfinite_filled(wavelet_destripe, block, **kw)
-    if method == "pyvsnr":
-        return nonfinite_filled(pyvsnr_slices, block, **kw)
-    if method != "numpy":
+    if method == "numpy":
+        fn = vsnr if tiles == 1 else functools.partial(vsnr_tiles, tiles=tiles, overlap=overlap)
+        return nonfinite_filled(fn, block, workers=1, **kw)
+    methods = {"pyvsnr": pyvsnr_slices, "wavelet": wavelet_destripe}
+    if method not in methods:
         raise ValueError(f"method = {method!r}: expected 'numpy', 'pyvsnr' or 'wavelet'")
-    if tiles == 1:
-        return nonfinite_filled(vsnr, block, workers=1, **kw)
-    return nonfinite_filled(vsnr_tiles, block, tiles=tiles, overlap=overlap, workers=1, **kw)
+    return nonfinite_filled(methods[method], block, **kw)

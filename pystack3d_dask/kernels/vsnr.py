@@ -275,19 +275,19 @@ def _transforms(xp: ModuleType, workers: int, shape: tuple[int, int], rows: np.n
     """
     ny, nx = shape
     if xp is np:
+        if rows is None:
+            return (functools.partial(scipy.fft.rfft2, workers=workers),
+                    functools.partial(irfft2, s=shape, workers=workers, overwrite_x=True))
         rfft = functools.partial(scipy.fft.rfft, axis=-1, workers=workers)
         irfft = functools.partial(scipy.fft.irfft, n=nx, axis=-1, overwrite_x=True, workers=workers)
     else:
         import cupyx.scipy.fft as cufft  # cuFFT; plans are cached across calls
 
+        if rows is None:
+            return (functools.partial(cufft.rfft2, overwrite_x=True),
+                    functools.partial(cufft.irfft2, s=shape, overwrite_x=True))
         rfft = functools.partial(cufft.rfft, axis=-1)
         irfft = functools.partial(cufft.irfft, n=nx, axis=-1, overwrite_x=True)
-    if rows is None:
-        if xp is np:
-            return (functools.partial(scipy.fft.rfft2, workers=workers),
-                    functools.partial(irfft2, s=shape, workers=workers, overwrite_x=True))
-        return (functools.partial(cufft.rfft2, overwrite_x=True),
-                functools.partial(cufft.irfft2, s=shape, overwrite_x=True))
     m = len(rows)
     phase = (2 * np.pi / ny) * np.outer(rows, np.arange(ny))
     waves = np.concatenate([np.cos(phase), np.sin(phase)])  # (2m, ny)
@@ -538,9 +538,9 @@ def vsnr(
     solver : {"admm", "fast"}
         ``"admm"``: pyvsnr's iterations; ``"fast"``: over-relaxed ADMM with a
         larger penalty, stops closer to the minimiser, in 0.65-0.75x the
-        iterations at ``cvg_threshold=1e-2``, about half at 1e-3, and
-        transforms only the spectrum rows the filters reach (module
-        docstring).
+        iterations at ``cvg_threshold=1e-2``, about half at 1e-3 (module
+        docstring).  Both transform only the spectrum rows the filters reach
+        (module docstring, Speed).
     pad : bool
         Pad each slice to fast FFT sizes (:func:`fast_shape`; faster, changes
         the result near the edges).

@@ -94,6 +94,10 @@ class Step:
         """The result's shape (an upper bound where the state decides) for an input ``shape``."""
         return shape if self.output_shape is None else self.output_shape(params, shape)
 
+    def uses_processes(self, params: Any) -> bool:
+        """Whether the step hands kernels to the run's worker processes with these parameters."""
+        return self.in_processes is not None and self.in_processes(params)
+
     def params(self, table: dict | None = None, **kwargs) -> Any:
         """Build and validate this step's parameters from a TOML table or keywords."""
         return build_params(self.Params, {**(table or {}), **kwargs}, section=self.name)
