@@ -321,6 +321,16 @@ class Project:
         store, _, node = self._complete(step, channel)
         return store.lazy(node)
 
+    def view_lines(self, step: str, channel: str | None = None) -> da.Array | None:
+        """The centre row and column and the stripe power of every slice of ``step``'s result, lazily.
+
+        A ``(z, x + y + 1)`` float32 table computed as the result was written (see
+        :func:`pystack3d_dask.kernels.views.view_lines`); None for a result begun
+        by a version that did not write it.
+        """
+        store, _, node = self._complete(step, channel, images=False)
+        return store.views(node)
+
     def has_images(self, step: str) -> bool:
         """True when ``step`` is complete and its images are stored (not discarded by ``keep='last'``)."""
         store = self._open_store()

@@ -11,6 +11,10 @@ Layout (``<output>/pystack3d_dask.zarr``)::
     /<step>/_stats/<channel>  float64 (z, 7): raw min, max, mean; clipped min, max, mean; done
     /<step>/_extra/<channel>  (z, m): a per-slice table computed in the write pass, for steps
                             that declare one (e.g. the histograms after intensity_rescaling)
+    /<step>/_views/<channel>  float32 (z, x + y + 1): the centre row and column and the stripe
+                            power of every slice, computed in the write pass for the report
+                            (:func:`pystack3d_dask.kernels.views.view_lines`); results begun
+                            before it existed have none, and the report reads their images
     /<step>/_state/<key>    the step's global state: arrays, and JSON values in the attrs
 
 ``<step>`` is ``input`` for the ingested TIFFs.  ``<channel>`` is the channel
@@ -18,8 +22,8 @@ folder name, ``_`` for ``"."``.
 
 The *write unit* of a result is its shard (format 3), or its chunk in an
 unsharded array (formats 1 and 2): one task writes one unit whole, from the
-step's chunks, and the tables ``_stats`` and ``_extra`` are chunked by the
-unit, so the task owns every file it writes and never reads one back.  A
+step's chunks, and the tables ``_stats``, ``_extra`` and ``_views`` are chunked
+by the unit, so the task owns every file it writes and never reads one back.  A
 result holds one image file and one statistics file per unit: a shard of a
 few hundred MiB instead of a chunk of 32 MiB divides the file count of a step
 by the chunks per shard (``Project(shard_mib=...)``).  Reads go by chunk.
@@ -79,6 +83,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, Endian, ShardingCod
 from pystack3d_dask.checksum import PooledCrc32cCodec, crc32c
 from pystack3d_dask.errors import DamagedError, DiskFullError, StoreError
 from pystack3d_dask.kernels.dtype import clip_cast, slice_stats
+from pystack3d_dask.kernels.views import view_lines
 from pystack3d_dask.lazy import lazy_module
 
 da = lazy_module("dask.array")
@@ -184,11 +189,13 @@ class Block:
     table: np.ndarray
     #: the step's write-pass reduction of ``data``, or None
     extra: np.ndarray | None
+    #: the report's lines of ``data`` (:func:`~pystack3d_dask.kernels.views.view_lines`)
+    views: np.ndarray
 
 
 def prepare_block(raw: np.ndarray, *, dtype: Any, reduction: Callable[[np.ndarray], np.ndarray] | None = None
                   ) -> Block:
-    """Clip and cast ``raw`` (a step's output, any dtype) to ``dtype``; its statistics and reduction.
+    """Clip and cast ``raw`` (a step's output, any dtype) to ``dtype``; its statistics, reduction and lines.
 
     Done in the task that computed the chunk, so that a write task gathering the
     chunks of a shard holds them in the stored dtype (a float result is up to 8x larger).
@@ -197,7 +204,7 @@ def prepare_block(raw: np.ndarray, *, dtype: Any, reduction: Callable[[np.ndarra
     raw_stats = slice_stats(raw)
     out_stats = raw_stats if out is raw else slice_stats(out)  # no cast (e.g. ingest): one pass
     table = np.column_stack([raw_stats, out_stats, np.ones(out.shape[0])])
-    return Block(out, table, None if reduction is None else reduction(out))
+    return Block(out, table, None if reduction is None else reduction(out), view_lines(out))
 
 
 def write_block(blocks: Sequence[np.ndarray | Block], store_path: str, node: str, start: int,
@@ -206,8 +213,9 @@ def write_block(blocks: Sequence[np.ndarray | Block], store_path: str, node: str
 
     ``blocks`` are the unit's consecutive chunks from slice ``start`` on: a
     step's raw output (any dtype) or :class:`Block` made by :func:`prepare_block`.
-    The unit's data is written, then its write-pass reduction (if any), and last
-    the per-slice statistics (raw and clipped) with their ``done`` flags.
+    The unit's data is written, then its write-pass reduction (if any) and its
+    lines for the report, and last the per-slice statistics (raw and clipped)
+    with their ``done`` flags.
     Returns the number of slices written (for progress).
 
     Raises
@@ -228,6 +236,9 @@ def write_block(blocks: Sequence[np.ndarray | Block], store_path: str, node: str
             arr[start:stop] = _concat([p.data for p in parts])
         if reduction is not None:
             _open_array(store_path, extra_node(node))[start:stop] = _concat([p.extra for p in parts])
+        # a result begun by a version without the table (resumed) goes on without it
+        if os.path.exists(os.path.join(store_path, views_node(node), "zarr.json")):
+            _open_array(store_path, views_node(node))[start:stop] = _concat([p.views for p in parts])
         _open_array(store_path, stats_node(node))[start:stop] = _concat([p.table for p in parts])
     except OSError as exc:
         nbytes = sum(p.data.nbytes for p in parts)
@@ -367,6 +378,12 @@ def extra_node(node: str) -> str:
     """Write-pass reduction array (e.g. histograms after) of the result array ``<step>/<channel>``."""
     step, channel = node.split("/")
     return f"{step}/_extra/{channel}"
+
+
+def views_node(node: str) -> str:
+    """The report's lines (:func:`~pystack3d_dask.kernels.views.view_lines`) of the result array ``<step>/<channel>``."""
+    step, channel = node.split("/")
+    return f"{step}/_views/{channel}"
 
 
 class ProjectStore:
@@ -511,7 +528,8 @@ class ProjectStore:
 
         ``shard``: slices per shard (a multiple of ``cz``), or None for an unsharded array
         (one file per chunk, the layout of formats 1 and 2).  ``extra = (width, dtype)``
-        also creates the ``(z, width)`` array of a write-pass reduction.
+        also creates the ``(z, width)`` array of a write-pass reduction.  The
+        report's lines are created with a new result, not added to one reused.
         """
         if shard is not None and (shard < cz or shard % cz):
             raise ValueError(f"shard = {shard} is invalid: expected a multiple of the chunk's {cz} slices.")
@@ -528,7 +546,7 @@ class ProjectStore:
                     and arr.dtype == np.dtype(dtype)):
                 return node
             del group[key]
-            for sub in ("_stats", "_extra"):
+            for sub in ("_stats", "_extra", "_views"):
                 if sub in group and key in group[sub]:
                     del group[sub][key]
         group.create_array(key, shape=tuple(shape), chunks=chunks, shards=shards, dtype=dtype,
@@ -537,9 +555,12 @@ class ProjectStore:
             key, shape=(shape[0], len(STATS_COLUMNS)), chunks=(unit, len(STATS_COLUMNS)), dtype="f8",
             fill_value=np.nan, compressors=CHECKSUM, config=ARRAY_CONFIG,
         )
+        tables = {"_views": (shape[1] + shape[2] + 1, "f4", np.nan)}
         if extra is not None:
-            group.require_group("_extra").create_array(
-                key, shape=(shape[0], extra[0]), chunks=(unit, extra[0]), dtype=extra[1], fill_value=0,
+            tables["_extra"] = (extra[0], extra[1], 0)
+        for sub, (width, kind, fill) in tables.items():
+            group.require_group(sub).create_array(
+                key, shape=(shape[0], width), chunks=(unit, width), dtype=kind, fill_value=fill,
                 compressors=self.compressors + CHECKSUM, config=ARRAY_CONFIG)
         return node
 
@@ -578,6 +599,12 @@ class ProjectStore:
             return None
         return StoredArray(str(self.path), extra_node(node))[:]
 
+    def views(self, node: str) -> da.Array | None:
+        """The report's lines of a result array, lazily; None when it was begun without them."""
+        if not (self.path / views_node(node) / "zarr.json").exists():
+            return None
+        return self.lazy(views_node(node))
+
     def done_units(self, node: str) -> np.ndarray:
         """Boolean per write unit of ``node`` (shard, or chunk when unsharded): True when it is written."""
         done = self.stats(node)[:, -1] == 1
@@ -588,9 +615,7 @@ class ProjectStore:
     def _arrays_of(self, node: str, images: bool) -> list[str]:
         """The arrays holding ``node``'s result: its images (unless discarded) and its tables."""
         names = ([node] if images else []) + [stats_node(node)]
-        if (self.path / extra_node(node)).exists():
-            names.append(extra_node(node))
-        return names
+        return names + [t for t in (extra_node(node), views_node(node)) if (self.path / t).exists()]
 
     def damage(self, node: str, *, images: bool = True) -> dict[int | None, str]:
         """Cheap check that ``node`` and its tables are whole: unit files listed and sized.

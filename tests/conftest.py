@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from pathlib import Path
@@ -9,6 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+
+
+@pytest.fixture(autouse=True)
+def report_in_place(request, monkeypatch):
+    """Runs draw their report in place, unless the test is marked ``report_process``.
+
+    The report's process costs ~1 s of CPU to start, per run: in every test that
+    runs a project it made the suite take twice as long.  Runs in a subprocess
+    (the CLI) and module-scoped fixtures draw in the process, as users' runs do.
+    """
+    if request.node.get_closest_marker("report_process") is None:
+        import pystack3d_dask.report
+        from pystack3d_dask.report.writer import ReportWriter
+
+        monkeypatch.setattr(pystack3d_dask.report, "ReportWriter", functools.partial(ReportWriter, background=False))
 
 
 def write_slices(folder: Path, stack: np.ndarray, *, zpos=None, prefix: str = "slice") -> list[Path]:

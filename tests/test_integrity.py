@@ -88,6 +88,16 @@ def test_missing_or_truncated_unit_is_found_and_only_it_recomputed(project, dama
 
 
 @pytest.mark.parametrize("project", ["sharded", "unsharded"], indirect=True)
+def test_a_missing_unit_of_the_report_s_lines_is_found_and_recomputed(project):
+    folder, before = project
+    (folder / STORE_NAME / "cropping" / "_views" / "_" / "c" / "1" / "0").unlink()
+    # a table's chunk is a write unit
+    assert Project(folder).info()["steps"]["cropping"]["status"] == "damaged: cropping/_views/_ chunk 1: missing"
+    assert run(folder).computed == {"cropping": unit_slices(folder)}
+    assert tree_digest(folder / STORE_NAME) == before
+
+
+@pytest.mark.parametrize("project", ["sharded", "unsharded"], indirect=True)
 def test_corrupted_chunk_is_caught_by_its_checksum_then_verify_and_run_repair_it(project, capsys):
     folder, before = project
     unit = unit_slices(folder)

@@ -1,18 +1,19 @@
-"""The report page: written by every run in the background, self-contained, never failing a run."""
+"""The report page: written by every run in a process of its own, self-contained, never failing a run."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import psutil
 import pytest
 from conftest import REPORT_STEPS as STEPS
 from conftest import demo_project, random_stack, write_params, write_slices
@@ -20,7 +21,10 @@ from conftest import demo_project, random_stack, write_params, write_slices
 from pystack3d_dask.engine import Project
 from pystack3d_dask.errors import StoreError
 from pystack3d_dask.report import PAGE, REPORT_DIR, figures, svg, write_report, writer
+from pystack3d_dask.kernels.views import split_lines, view_lines
+from pystack3d_dask.quality import stripe_power
 from pystack3d_dask.report.views import read_views
+from pystack3d_dask.store import STORE_NAME, ProjectStore
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +37,10 @@ def demo(tmp_path_factory):
 def sections(page: str) -> dict[str, str]:
     parts = re.split(r'<section id="([^"]+)">', page)
     return dict(zip(parts[1::2], parts[2::2]))
+
+
+def report_processes() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if "report.worker" in " ".join(p.cmdline())]
 
 
 def test_run_writes_a_self_contained_page(demo):
@@ -123,6 +131,7 @@ def test_results_do_not_depend_on_the_report(tmp_path, demo):
         np.testing.assert_array_equal(a.result(step).compute(), b.result(step).compute())
 
 
+@pytest.mark.report_process
 def test_keep_last_still_shows_every_step(tmp_path):
     toml = demo_project(tmp_path)
     Project(toml, quiet=True, keep="last").run()
@@ -150,11 +159,13 @@ def test_a_failing_figure_never_fails_the_run(tmp_path, monkeypatch, caplog):
     assert (kept / "cropping.html").exists() and not (kept / "bkg_removal.html").exists()  # drawn again next time
 
 
-def test_an_interrupted_run_writes_no_page_and_stops_the_thread(tmp_path, monkeypatch):
+@pytest.mark.report_process
+def test_an_interrupted_run_writes_no_page_and_stops_the_report_process(tmp_path, monkeypatch):
     from pystack3d_dask import engine
 
     def interrupted(tasks, *, desc, **kwargs):
         if desc == "destriping":
+            assert len(report_processes()) == 1  # drawing the earlier steps
             raise KeyboardInterrupt
         return execute(tasks, desc=desc, **kwargs)
 
@@ -164,10 +175,63 @@ def test_an_interrupted_run_writes_no_page_and_stops_the_thread(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         Project(toml, quiet=True).run()
     assert not (toml.parent / REPORT_DIR / PAGE).exists()
-    for thread in threading.enumerate():
-        if thread.name == "pystack3d-dask-report":
-            thread.join(timeout=30)
-            assert not thread.is_alive()
+    assert report_processes() == []
+
+
+def test_the_report_process_draws_what_the_report_command_draws(demo, tmp_path):
+    toml, _ = demo
+    drawn = sections((toml.parent / REPORT_DIR / PAGE).read_text())
+    again = sections(write_report(Project(toml), folder=tmp_path / "again").read_text())
+    assert list(drawn) == list(STEPS) and again == drawn
+    assert report_processes() == []
+
+
+@pytest.mark.report_process
+def test_the_report_process_logs_through_the_run(tmp_path, monkeypatch, caplog):
+    """A figure failing in the report's process is a warning of the run, and a note on the page."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "from pystack3d_dask.report import figures\n"
+        "def broken(*args, **kwargs):\n    raise RuntimeError('no ink')\n"
+        "figures.STATE_FIGURES['bkg_removal'] = broken\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    toml = demo_project(tmp_path)
+    Project(toml, quiet=True).run(["bkg_removal"])
+    assert "figures of bkg_removal failed: RuntimeError: no ink" in caplog.text
+    got = sections((toml.parent / REPORT_DIR / PAGE).read_text())
+    assert "figures failed: RuntimeError: no ink" in got["bkg_removal"] and "after xy" in got["bkg_removal"]
+
+
+@pytest.mark.report_process
+def test_a_run_whose_report_process_dies_draws_its_figures_itself(tmp_path, monkeypatch, caplog):
+    from pystack3d_dask import engine
+
+    def killing(tasks, *, desc, **kwargs):
+        if desc == "bkg_removal":
+            for process in report_processes():
+                process.kill()
+        return execute(tasks, desc=desc, **kwargs)
+
+    execute = engine.execute
+    monkeypatch.setattr(engine, "execute", killing)
+    toml = demo_project(tmp_path)
+    run = Project(toml, quiet=True).run()
+    assert run.done == list(STEPS)
+    assert "report: the report's process stopped (exit status -9); the figures are drawn in the run's process" in caplog.text
+    got = sections((toml.parent / REPORT_DIR / PAGE).read_text())
+    assert list(got) == list(STEPS) and all("figures failed" not in got[s] for s in STEPS)
+    assert report_processes() == []
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    """The report's process is a fresh interpreter: it does not import the calling script again."""
+    toml = demo_project(tmp_path)
+    script = tmp_path / "script.py"
+    script.write_text("import sys\nfrom pystack3d_dask.engine import Project\nprint('started', flush=True)\n"
+                      f"Project({str(toml)!r}, quiet=True).run(['cropping'])\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["started"] and out.stderr == ""
+    assert "cropping" in sections((toml.parent / REPORT_DIR / PAGE).read_text())
 
 
 def test_report_command_errors(tmp_path, capsys):
@@ -186,7 +250,8 @@ def test_views_do_not_depend_on_chunks(cz):
     stack = random_stack((40, 30, 26), dtype="float32")
     stack[17, :, ::3] += 400  # a curtained slice
     stack[5, :4] = np.nan  # a NaN border
-    views = read_views(da.from_array(stack, chunks=(cz, -1, -1)), slices=[3])
+    lazy = da.from_array(stack, chunks=(cz, -1, -1))
+    views = read_views(lazy, slices=[3])
     np.testing.assert_array_equal(views.xz, stack[:, 15])
     np.testing.assert_array_equal(views.yz, stack[:, :, 13])
     np.testing.assert_array_equal(views.xy, stack[20])
@@ -195,6 +260,72 @@ def test_views_do_not_depend_on_chunks(cz):
     reference = read_views(da.from_array(stack, chunks=(40, -1, -1)))
     np.testing.assert_array_equal(views.stripes, reference.stripes)
     assert np.isfinite(views.stripes).all()
+    # from the table a step writes: the same views, and only the kept slices' chunks are read
+    lines = np.concatenate([view_lines(stack[i : i + cz]) for i in range(0, 40, cz)])
+    read = []
+    counted = lazy.map_blocks(lambda b, block_info=None: read.append(block_info[0]["chunk-location"]) or b,
+                              dtype=stack.dtype)
+    from_lines = read_views(counted, lines=lines, slices=[3])
+    assert len(read) == len({k // cz for k in (3, 17, 20)})
+    for field in ("xy", "xz", "yz", "stripes"):
+        np.testing.assert_array_equal(getattr(from_lines, field), getattr(views, field))
+    assert from_lines.slices.keys() == views.slices.keys()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_view_lines(dtype):
+    stack = random_stack((5, 9, 6), dtype=dtype)
+    lines = view_lines(stack)
+    assert lines.dtype == np.float32 and lines.shape == (5, 6 + 9 + 1)
+    np.testing.assert_array_equal(lines[:, :6], stack[:, 4])
+    np.testing.assert_array_equal(lines[:, 6:15], stack[:, :, 3])
+    np.testing.assert_allclose(lines[:, -1], stripe_power(stack), rtol=1e-6)
+    rows, columns, stripes = split_lines(lines, stack.shape)
+    assert rows.shape == (5, 6) and columns.shape == (5, 9) and stripes.shape == (5,)
+    with pytest.raises(ValueError, match=r"a table of shape \(5, 16\) is invalid for a stack of shape "
+                                         r"\(5, 9, 7\): expected \(5, 17\)"):
+        split_lines(lines, (5, 9, 7))
+    with pytest.raises(ValueError, match=r"block of shape \(5, 0, 6\) is invalid"):
+        view_lines(np.zeros((5, 0, 6)))
+
+
+def test_view_lines_of_slices_with_nan():
+    stack = random_stack((3, 8, 8), dtype="float32")
+    stack[0, :2] = np.nan
+    stack[1] = np.nan
+    lines = view_lines(stack)
+    assert np.isnan(lines[1, :-1]).all() and np.isfinite(lines[:, -1]).all()
+    filled = stack[0].copy()
+    filled[:2] = np.nanmean(stack[0])
+    assert lines[0, -1] == pytest.approx(stripe_power(filled), rel=1e-5)
+
+
+@pytest.mark.parametrize("cz", [1, 5, 24])
+def test_each_step_writes_the_lines_of_its_result(tmp_path, cz):
+    toml = demo_project(tmp_path)
+    project = Project(toml, quiet=True, chunk_slices=cz)
+    project.run(plots=False)
+    for step in STEPS:
+        np.testing.assert_array_equal(project.view_lines(step).compute(),
+                                      view_lines(project.result(step).compute()), err_msg=step)
+
+
+def test_a_result_begun_without_lines_is_drawn_from_its_images(tmp_path):
+    """A step begun by a version that wrote no lines is resumed without them, and drawn all the same."""
+    drawn = {}
+    for how in ("with lines", "without"):
+        toml = demo_project(tmp_path / how)
+        Project(toml, quiet=True).run(["bkg_removal"], plots=False)
+        store = ProjectStore(toml.parent / STORE_NAME)
+        if how == "without":
+            shutil.rmtree(store.path / "bkg_removal" / "_views")
+        store.mark_undone("bkg_removal", "bkg_removal/_", [0])
+        project = Project(toml, quiet=True)
+        assert project.run(["bkg_removal"]).done == ["bkg_removal"]
+        assert (project.view_lines("bkg_removal") is None) == (how == "without")
+        assert project.info()["steps"]["bkg_removal"]["status"] == "complete"
+        drawn[how] = sections((toml.parent / REPORT_DIR / PAGE).read_text())["bkg_removal"]
+    assert "after xy" in drawn["without"] and drawn["without"] == drawn["with lines"]
 
 
 def test_nice_ticks():

@@ -1,9 +1,12 @@
-"""What the report shows of a stored stack, read in one pass: cut-planes, stripe power, a few slices.
+"""What the report shows of a stored stack: cut-planes, stripe power, a few slices.
 
-The pass reads one chunk at a time on the calling thread (dask's synchronous
-scheduler, given as the function itself so that no ``distributed`` client is
-looked for: it never competes for the run's workers or cluster), so its
-memory is one chunk plus the planes.
+The planes and stripe power come from the table of lines each step writes
+with its result (:mod:`pystack3d_dask.kernels.views`), so only the chunks of
+the few whole slices shown are read; a result written before the table
+existed is read once, chunk by chunk.  Reads run on the calling thread
+(dask's synchronous scheduler, given as the function itself so that no
+``distributed`` client is looked for: they never compete for the run's
+workers or cluster), so memory is one chunk plus the planes.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from collections.abc import Iterable
 import numpy as np
 from dask.local import get_sync
 
+from pystack3d_dask.kernels.views import split_lines, view_lines
 from pystack3d_dask.lazy import lazy_module
-from pystack3d_dask.quality import stripe_power
 
 da = lazy_module("dask.array")
 
@@ -39,46 +42,33 @@ class Views:
     @property
     def most_striped(self) -> int:
         """Index of the slice with the highest stripe power."""
-        return int(np.nanargmax(self.stripes)) if np.isfinite(self.stripes).any() else self.shape[0] // 2
+        return _most_striped(self.stripes)
 
 
-def _fill_nonfinite(block: np.ndarray) -> np.ndarray:
-    """Non-finite pixels (NaN borders of a registered float stack) set to their slice's mean."""
-    finite = np.isfinite(block)
-    if finite.all():
-        return block
-    count = np.maximum(finite.sum(axis=(1, 2), keepdims=True), 1)
-    mean = np.where(finite, block, 0).sum(axis=(1, 2), keepdims=True) / count
-    return np.where(finite, block, mean)
+def _most_striped(stripes: np.ndarray) -> int:
+    return int(np.nanargmax(stripes)) if np.isfinite(stripes).any() else stripes.size // 2
 
 
-def read_views(stack: da.Array, *, slices: Iterable[int] = ()) -> Views:
-    """Read ``stack`` once, chunk by chunk, and return its :class:`Views`.
+def read_views(stack: da.Array, *, lines: da.Array | np.ndarray | None = None, slices: Iterable[int] = ()) -> Views:
+    """The :class:`Views` of ``stack``: from its lines table if given, else from one pass over it.
 
     Parameters
     ----------
     stack : dask array (z, y, x)
         Chunked by whole slices (a stored step result).
+    lines : array (z, x + y + 1), optional
+        ``stack``'s :func:`~pystack3d_dask.kernels.views.view_lines`, stored
+        with it: only the chunks of the kept slices are then read.  Without it
+        (a result written before the table existed) every chunk is read once.
     slices : iterable of int
         Indices of extra whole slices to keep (out-of-range ones are ignored).
     """
     nz, ny, nx = stack.shape
-    wanted = {k for k in slices if 0 <= k < nz} | {nz // 2}
-    xz, yz, stripes, kept = [], [], [], {}
-    start = 0
-    for block in stack.blocks:
-        data = np.asarray(block.compute(scheduler=get_sync))
-        xz.append(data[:, ny // 2].copy())
-        yz.append(data[:, :, nx // 2].copy())
-        stripes.append(stripe_power(_fill_nonfinite(data) if data.dtype.kind == "f" else data))
-        for k in wanted:
-            if start <= k < start + data.shape[0]:
-                kept[k] = data[k - start].copy()
-        start += data.shape[0]
-    stripes = np.concatenate(stripes)
-    views = Views(shape=(nz, ny, nx), xy=kept[nz // 2], xz=np.concatenate(xz), yz=np.concatenate(yz),
-                  stripes=stripes, slices=kept)
-    worst = views.most_striped
-    if worst not in kept:
-        kept[worst] = np.asarray(stack[worst].compute(scheduler=get_sync))
-    return views
+    if lines is None:
+        lines = np.concatenate([view_lines(np.asarray(block.compute(scheduler=get_sync))) for block in stack.blocks])
+    elif isinstance(lines, da.Array):
+        lines = lines.compute(scheduler=get_sync)
+    xz, yz, stripes = split_lines(lines, (nz, ny, nx))
+    wanted = sorted({k for k in slices if 0 <= k < nz} | {nz // 2, _most_striped(stripes)})
+    kept = dict(zip(wanted, np.asarray(stack[wanted].compute(scheduler=get_sync))))  # each chunk read once
+    return Views(shape=(nz, ny, nx), xy=kept[nz // 2], xz=xz, yz=yz, stripes=stripes, slices=kept)

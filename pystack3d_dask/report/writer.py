@@ -1,13 +1,14 @@
 """The report of a project: ``<project>/pystack3d_dask_report/index.html``, written during a run.
 
 A run hands each step to :meth:`ReportWriter.step_done` as soon as it is
-complete.  The writer takes what it needs from the store there, on the run's
-thread, between two steps (statistics, state, the lazy result: small reads,
-and no write of the run is in flight), then reads the cut-planes and draws
-the figures in one background thread while the next step computes.  The
-thread is a daemon: Ctrl-C, SIGTERM or an error end the run without waiting
-for it, and an interrupted run writes no page.  Figures never change a
-result: a figure that fails is reported on the page and in a warning.
+complete, and goes on at once: the report's own process
+(:mod:`~pystack3d_dask.report.worker`, started with the first step) reads
+what the figures need (statistics, state, the lines each step writes with its
+result and the few whole slices shown; the step is complete, so no write
+touches it) and draws them while the next step computes.  Ctrl-C, SIGTERM or
+an error end the run without waiting for it (it is killed), and an
+interrupted run writes no page.  Figures never change a result: a figure
+that fails is reported on the page and in a warning.
 
 Each step's section is kept beside the page (``sections/<step>.html``) with
 what it was drawn from (the step's hash, status and channels): a later run
@@ -15,18 +16,17 @@ that does not recompute the step reuses it instead of reading and drawing
 again, so a run with nothing to compute writes its page at once.
 
 With ``keep="last"`` the engine deletes a step's images once the next step
-is written; ``step_done`` therefore waits until the previous step's planes
-are read (long done by then: reading them is far cheaper than the step).
+is written; ``step_done`` then waits until the previous step's slices are
+read (long done by then: reading them is far cheaper than the step).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 from html import escape
@@ -37,6 +37,7 @@ from pystack3d_dask import __version__
 from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.report import figures, html
 from pystack3d_dask.report.views import Views, read_views
+from pystack3d_dask.report.worker import DrawingProcess
 from pystack3d_dask.store import INPUT
 
 da = lazy_module("dask.array")
@@ -58,10 +59,12 @@ class _Taken:
     state: dict | None
     #: the stored result, or None when its images are not stored (``keep="last"``)
     stack: da.Array | None
+    #: the result's lines for the report (see :meth:`Project.view_lines`), None without them
+    lines: da.Array | None
 
 
 class ReportWriter:
-    """Builds a project's report step by step, in a background thread or on the caller's.
+    """Builds a project's report step by step, in a process of its own or on the caller's thread.
 
     Parameters
     ----------
@@ -69,7 +72,7 @@ class ReportWriter:
     folder : path, optional
         Default ``<store folder>/pystack3d_dask_report``.
     background : bool
-        Read and draw in a background thread (during a run); False does it in :meth:`step_done`.
+        Read and draw in the report's process (during a run); False does it in :meth:`step_done`.
     """
 
     def __init__(self, project, *, folder: str | Path | None = None, background: bool = True):
@@ -80,46 +83,46 @@ class ReportWriter:
         self._names: dict[tuple[str, str], str | None] = {}
         self._sections: dict[str, str] = {}
         self._broken: set[str] = set()  # steps with a failed figure: their sections are not kept
-        self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if background else None
-        self._thread: threading.Thread | None = None
-        self._read = threading.Event()
-        self._read.set()
-        self._stopped = False
+        self.background = background
+        self._process: DrawingProcess | None = None
 
     # -- the run's side ----------------------------------------------------------------------------
     def step_done(self, step: str) -> None:
-        """Queue the figures of ``step``, just completed (or render them now without a background)."""
+        """Have the figures of ``step``, just completed, drawn: by the report's process, or now."""
+        if not self.background:
+            self.draw(step)
+            return
         try:
-            taken = self._take(step)
-        except Exception as exc:
-            self._sections[step] = self._failure(step, exc)
-            return
-        if self._queue is None:
-            self._views_of(step, taken)
-            self._draw(step, taken)
-            return
-        self._read.wait()
-        self._read = threading.Event()
-        read = self._read
-        self._submit(lambda: self._guard(step, lambda: self._views_of(step, taken), done=read))
-        self._submit(lambda: self._guard(step, lambda: self._draw(step, taken)))
+            if self._process is None:
+                self._process = DrawingProcess(_readable(self.project), self.folder, self.started)
+            if self.project.keep == "last":  # the engine deletes the previous step's images on return
+                self._process.wait()
+            self._process.figures(step)
+        except Exception as exc:  # the report never fails a run: it is drawn here instead
+            self._stop(exc)
 
     def abort(self) -> None:
-        """Drop the queued figures: the run failed or was interrupted and writes no page."""
-        self._stopped = True
-        if self._queue is not None:
-            self._queue.put(None)
+        """Stop drawing: the run failed or was interrupted and writes no page."""
+        if self._process is not None:
+            self._process.kill()
+            self._process = None
 
     def finish(self, run: Any = None) -> Path | None:
-        """Wait for the queued figures, draw the steps not drawn yet, write the page; return its path.
+        """Draw the steps not drawn yet and write the page; return its path.
 
         ``run`` is the engine's :class:`~pystack3d_dask.engine.RunReport` (None: show the last
         run's summary, saved beside the page).  A failure is a warning, never an error.
         """
+        if self._process is not None:
+            try:
+                page, records = self._process.finish(dataclasses.replace(run, on_done=None))
+            except Exception as exc:
+                self._stop(exc)
+            else:
+                for level, message in records:
+                    log.log(level, message)
+                return page
         try:
-            if self._thread is not None:
-                self._queue.put(None)
-                self._thread.join()
             info = self.project.info()
             summary = self._summary(run, info)
             for step, entry in info["steps"].items():
@@ -134,29 +137,35 @@ class ReportWriter:
             log.warning("the report could not be written in %s: %s", self.folder, exc)
             return None
 
-    # -- the background side -----------------------------------------------------------------------
-    def _submit(self, job: Callable[[], None]) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="pystack3d-dask-report", daemon=True)
-            self._thread.start()
-        self._queue.put(job)
+    def _stop(self, exc: Exception) -> None:
+        """The report's process failed: draw in the run's process from now on."""
+        log.warning("report: %s; the figures are drawn in the run's process instead.", exc)
+        self.abort()
+        self.background = False
 
-    def _work(self) -> None:
-        while not self._stopped:
-            job = self._queue.get()
-            if job is None or self._stopped:
+    def draw(self, step: str, *, on_read: Callable[[], None] | None = None) -> None:
+        """Read what ``step``'s figures need and draw them; ``on_read()`` once its images are read.
+
+        A failure becomes a note in the step's section and a warning.
+        """
+        try:
+            try:
+                taken = self._take(step)
+            except Exception as exc:
+                self._sections[step] = self._failure(step, exc)
                 return
-            job()
+            self._guard(step, lambda: self._views_of(step, taken))
+        finally:
+            if on_read is not None:
+                on_read()
+        self._guard(step, lambda: self._draw(step, taken))
 
-    def _guard(self, step: str, job: Callable[[], Any], *, done: threading.Event | None = None) -> None:
+    def _guard(self, step: str, job: Callable[[], Any]) -> None:
         """Run ``job``; a failure becomes a note in the step's section and a warning."""
         try:
             job()
         except Exception as exc:
             self._sections[step] = self._sections.get(step, "") + self._failure(step, exc)
-        finally:
-            if done is not None:
-                done.set()
 
     def _failure(self, step: str, exc: Exception) -> str:
         """The page's note of a failed figure of ``step`` (a warning too)."""
@@ -190,17 +199,17 @@ class ReportWriter:
             if first == key:
                 self._sections[step] = section
                 return
-            taken = self._take(step)
-            self._guard(step, lambda: (self._views_of(step, taken), self._draw(step, taken)))
+            self.draw(step)
         if step not in self._broken:
             html.write_atomic(path, f"{key}\n{self._sections[step]}")
 
     def _take(self, step: str) -> dict[str, _Taken]:
-        """Statistics, state and lazy result of ``step`` per channel (on the run's thread)."""
+        """Statistics, state, lazy result and lines of ``step`` per channel."""
         images = self.project.has_images(step)
         return {ch: _Taken(stats=self.project.stats(step, ch),
                            state=None if step == INPUT else self.project.state(step, ch),
-                           stack=self.project.result(step, ch) if images else None)
+                           stack=self.project.result(step, ch) if images else None,
+                           lines=self.project.view_lines(step, ch) if images else None)
                 for ch in self._channels()}
 
     def _views_of(self, step: str, taken: dict[str, _Taken]) -> None:
@@ -214,7 +223,7 @@ class ReportWriter:
             if t.stack.name not in self._views:
                 before = self._cached(prev, ch)
                 extra = [before.most_striped] if before is not None else []
-                self._views[t.stack.name] = read_views(t.stack, slices=extra)
+                self._views[t.stack.name] = read_views(t.stack, lines=t.lines, slices=extra)
 
     def _cached(self, step: str | None, channel: str) -> Views | None:
         name = self._names.get((step, channel)) if step is not None else None
@@ -252,6 +261,13 @@ class ReportWriter:
         else:
             record = None
         return summary(self.project, record, info)
+
+
+def _readable(project):
+    """``project`` without its cluster (a live client or cluster of the API): the report only reads."""
+    replica = copy.copy(project)
+    replica.cluster = None
+    return replica
 
 
 def _failed(step: str, exc: Exception) -> str:
