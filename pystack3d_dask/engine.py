@@ -75,6 +75,7 @@ from pystack3d_dask.store import (
     STORE_NAME,
     Block,
     ProjectStore,
+    StoredArray,
     channel_key,
     check_writable,
     prepare_block,
@@ -321,8 +322,16 @@ class Project:
         store, _, node = self._complete(step, channel)
         return store.lazy(node)
 
-    def view_lines(self, step: str, channel: str | None = None) -> da.Array | None:
-        """The centre row and column and the stripe power of every slice of ``step``'s result, lazily.
+    def stored(self, step: str = INPUT, channel: str | None = None) -> StoredArray:
+        """The stored result of ``step``, read into numpy arrays through its checksums (no dask graph).
+
+        For readers of a few slices (the report): ``stored(step)[k]`` is slice ``k``.
+        """
+        store, _, node = self._complete(step, channel)
+        return StoredArray(str(store.path), node)
+
+    def view_lines(self, step: str, channel: str | None = None) -> np.ndarray | None:
+        """The centre row and column and the stripe power of every slice of ``step``'s result.
 
         A ``(z, x + y + 1)`` float32 table computed as the result was written (see
         :func:`pystack3d_dask.kernels.views.view_lines`); None for a result begun

@@ -595,15 +595,16 @@ class ProjectStore:
 
     def extra(self, node: str) -> np.ndarray | None:
         """The write-pass reduction table of a result array, if its step has one."""
-        if not (self.path / extra_node(node) / "zarr.json").exists():
-            return None
-        return StoredArray(str(self.path), extra_node(node))[:]
+        return self._table(extra_node(node))
 
-    def views(self, node: str) -> da.Array | None:
-        """The report's lines of a result array, lazily; None when it was begun without them."""
-        if not (self.path / views_node(node) / "zarr.json").exists():
+    def views(self, node: str) -> np.ndarray | None:
+        """The report's lines of a result array; None when it was begun without them."""
+        return self._table(views_node(node))
+
+    def _table(self, name: str) -> np.ndarray | None:
+        if not (self.path / name / "zarr.json").exists():
             return None
-        return self.lazy(views_node(node))
+        return StoredArray(str(self.path), name)[:]
 
     def done_units(self, node: str) -> np.ndarray:
         """Boolean per write unit of ``node`` (shard, or chunk when unsharded): True when it is written."""

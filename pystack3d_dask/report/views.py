@@ -1,26 +1,23 @@
 """What the report shows of a stored stack: cut-planes, stripe power, a few slices.
 
 The planes and stripe power come from the table of lines each step writes
-with its result (:mod:`pystack3d_dask.kernels.views`), so only the chunks of
-the few whole slices shown are read; a result written before the table
-existed is read once, chunk by chunk.  Reads run on the calling thread
-(dask's synchronous scheduler, given as the function itself so that no
-``distributed`` client is looked for: they never compete for the run's
-workers or cluster), so memory is one chunk plus the planes.
+with its result (:mod:`pystack3d_dask.kernels.views`), so only the few whole
+slices shown are read; a result written before the table existed is read
+once, chunk by chunk.  Reads go straight to the store, on the calling thread:
+no dask graph, no scheduler, no ``distributed`` client looked for (they never
+compete for the run's workers or cluster), and memory is one chunk plus the
+planes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
-from dask.local import get_sync
 
 from pystack3d_dask.kernels.views import split_lines, view_lines
-from pystack3d_dask.lazy import lazy_module
-
-da = lazy_module("dask.array")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,26 +46,26 @@ def _most_striped(stripes: np.ndarray) -> int:
     return int(np.nanargmax(stripes)) if np.isfinite(stripes).any() else stripes.size // 2
 
 
-def read_views(stack: da.Array, *, lines: da.Array | np.ndarray | None = None, slices: Iterable[int] = ()) -> Views:
+def read_views(stack: Any, *, lines: np.ndarray | None = None, slices: Iterable[int] = ()) -> Views:
     """The :class:`Views` of ``stack``: from its lines table if given, else from one pass over it.
 
     Parameters
     ----------
-    stack : dask array (z, y, x)
-        Chunked by whole slices (a stored step result).
-    lines : array (z, x + y + 1), optional
+    stack : array-like (z, y, x)
+        A stored step result (:meth:`Project.stored <pystack3d_dask.engine.Project.stored>`,
+        or any Zarr array): ``shape``, ``chunks`` and ``stack[i:j]`` read into numpy.
+    lines : ndarray (z, x + y + 1), optional
         ``stack``'s :func:`~pystack3d_dask.kernels.views.view_lines`, stored
-        with it: only the chunks of the kept slices are then read.  Without it
-        (a result written before the table existed) every chunk is read once.
+        with it: only the kept slices are then read.  Without it (a result
+        written before the table existed) every chunk is read once.
     slices : iterable of int
         Indices of extra whole slices to keep (out-of-range ones are ignored).
     """
     nz, ny, nx = stack.shape
     if lines is None:
-        lines = np.concatenate([view_lines(np.asarray(block.compute(scheduler=get_sync))) for block in stack.blocks])
-    elif isinstance(lines, da.Array):
-        lines = lines.compute(scheduler=get_sync)
+        cz = stack.chunks[0]
+        lines = np.concatenate([view_lines(np.asarray(stack[i : i + cz])) for i in range(0, nz, cz)])
     xz, yz, stripes = split_lines(lines, (nz, ny, nx))
-    wanted = sorted({k for k in slices if 0 <= k < nz} | {nz // 2, _most_striped(stripes)})
-    kept = dict(zip(wanted, np.asarray(stack[wanted].compute(scheduler=get_sync))))  # each chunk read once
+    wanted = {k for k in slices if 0 <= k < nz} | {nz // 2, _most_striped(stripes)}
+    kept = {k: np.asarray(stack[k]) for k in sorted(wanted)}
     return Views(shape=(nz, ny, nx), xy=kept[nz // 2], xz=xz, yz=yz, stripes=stripes, slices=kept)

@@ -33,14 +33,14 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pystack3d_dask import __version__
-from pystack3d_dask.lazy import lazy_module
 from pystack3d_dask.report import figures, html
 from pystack3d_dask.report.views import Views, read_views
 from pystack3d_dask.report.worker import DrawingProcess
-from pystack3d_dask.store import INPUT
+from pystack3d_dask.store import INPUT, StoredArray
 
-da = lazy_module("dask.array")
 log = logging.getLogger("pystack3d_dask")
 
 REPORT_DIR = "pystack3d_dask_report"
@@ -57,10 +57,10 @@ class _Taken:
 
     stats: dict
     state: dict | None
-    #: the stored result, or None when its images are not stored (``keep="last"``)
-    stack: da.Array | None
+    #: the stored result (see :meth:`Project.stored`), or None when its images are not stored (``keep="last"``)
+    stack: StoredArray | None
     #: the result's lines for the report (see :meth:`Project.view_lines`), None without them
-    lines: da.Array | None
+    lines: np.ndarray | None
 
 
 class ReportWriter:
@@ -79,7 +79,7 @@ class ReportWriter:
         self.project = project
         self.folder = Path(folder) if folder is not None else project.store_path.parent / REPORT_DIR
         self.started = time.time()
-        self._views: dict[str, Views] = {}  # by dask name: a step that aliases its input shares its views
+        self._views: dict[str, Views] = {}  # by stored array: a step that aliases its input shares its views
         self._names: dict[tuple[str, str], str | None] = {}
         self._sections: dict[str, str] = {}
         self._broken: set[str] = set()  # steps with a failed figure: their sections are not kept
@@ -208,7 +208,7 @@ class ReportWriter:
         images = self.project.has_images(step)
         return {ch: _Taken(stats=self.project.stats(step, ch),
                            state=None if step == INPUT else self.project.state(step, ch),
-                           stack=self.project.result(step, ch) if images else None,
+                           stack=self.project.stored(step, ch) if images else None,
                            lines=self.project.view_lines(step, ch) if images else None)
                 for ch in self._channels()}
 
@@ -219,11 +219,11 @@ class ReportWriter:
             if t.stack is None:
                 self._names[step, ch] = None
                 continue
-            self._names[step, ch] = t.stack.name
-            if t.stack.name not in self._views:
+            self._names[step, ch] = t.stack.node
+            if t.stack.node not in self._views:
                 before = self._cached(prev, ch)
                 extra = [before.most_striped] if before is not None else []
-                self._views[t.stack.name] = read_views(t.stack, lines=t.lines, slices=extra)
+                self._views[t.stack.node] = read_views(t.stack, lines=t.lines, slices=extra)
 
     def _cached(self, step: str | None, channel: str) -> Views | None:
         name = self._names.get((step, channel)) if step is not None else None
