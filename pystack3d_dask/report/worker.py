@@ -15,8 +15,8 @@ sends it pickled requests on its stdin, in order, one reply each on its
 stdout.  :func:`main` is the process's side: a
 :class:`~pystack3d_dask.report.writer.ReportWriter` drawing in place.  The
 process ignores SIGINT (a Ctrl-C reaches the whole process group; the run
-decides what stops), ends when its stdin closes, and is killed when the run
-stops on an error or a signal.  What it logs comes back with its last reply
+decides what stops), ends once the page is written or when its stdin
+closes, and is killed when the run stops on an error or a signal.  What it logs comes back with its last reply
 and is logged by the run, under the run's logging settings.
 """
 
@@ -150,5 +150,6 @@ def main() -> None:
             writer.draw(value, on_read=lambda: reply(None))
         else:
             reply((writer.finish(value), kept.records))
-            return
+            sys.stderr.flush()
+            os._exit(0)  # the page is written: the interpreter's teardown (0.2 s) would delay the run's end
 
