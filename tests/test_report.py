@@ -186,6 +186,16 @@ def test_the_report_process_draws_what_the_report_command_draws(demo, tmp_path):
     assert report_processes() == []
 
 
+def test_the_report_keeps_the_views_of_two_steps_at_most(demo, tmp_path):
+    toml, _ = demo
+    kept = []
+    report = writer.ReportWriter(Project(toml), folder=tmp_path, background=False)
+    views_of = report._views_of
+    report._views_of = lambda step, taken: (views_of(step, taken), kept.append(len(report._views)))
+    report.finish()
+    assert len(kept) == len(STEPS) and max(kept) == 2
+
+
 @pytest.mark.report_process
 def test_the_report_process_logs_through_the_run(tmp_path, monkeypatch, caplog):
     """A figure failing in the report's process is a warning of the run, and a note on the page."""
