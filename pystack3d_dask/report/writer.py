@@ -100,6 +100,7 @@ class ReportWriter:
             self._process.figures(step)
         except Exception as exc:  # the report never fails a run: it is drawn here instead
             self._stop(exc)
+            self.draw(step)
 
     def abort(self) -> None:
         """Stop drawing: the run failed or was interrupted and writes no page."""
