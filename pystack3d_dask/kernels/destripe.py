@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pystack3d_dask.kernels.dtype import fill_nonfinite
 from pystack3d_dask.kernels.vsnr import vsnr
 from pystack3d_dask.kernels.vsnr_tiles import vsnr_tiles
 from pystack3d_dask.kernels.wavelet_destripe import wavelet_destripe
@@ -22,19 +23,14 @@ from pystack3d_dask.kernels.wavelet_destripe import wavelet_destripe
 def nonfinite_filled(fn: Callable[..., np.ndarray], block: np.ndarray, /, **kw: Any) -> np.ndarray:
     """``fn(block, **kw)`` on ``block`` as float32 with its non-finite pixels set to their slice's mean.
 
-    Those pixels (NaN from a registration with ``mode = "constant"`` on a
-    float stack) stay NaN in the result; an empty slice stays empty.
+    Those pixels (see :func:`~pystack3d_dask.kernels.dtype.fill_nonfinite`)
+    stay NaN in the result; an empty slice stays empty.
     """
     block = np.asarray(block, np.float32)
     bad = ~np.isfinite(block)
     if not bad.any():
         return fn(block, **kw)
-    block = block.copy()
-    for img, m in zip(block, bad):
-        if m.any() and not m.all():
-            img[m] = img[~m].mean()
-    block[bad.all(axis=(1, 2))] = 0
-    out = fn(block, **kw)
+    out = fn(fill_nonfinite(block), **kw)
     out[bad] = np.nan
     return out
 

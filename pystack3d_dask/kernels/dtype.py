@@ -1,4 +1,4 @@
-"""Casting results back to the stack's dtype, and per-slice statistics."""
+"""Casting results back to the stack's dtype, non-finite pixels, and per-slice statistics."""
 
 from __future__ import annotations
 
@@ -38,6 +38,23 @@ def clip_cast(block: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
         info = np.finfo(dtype)
         return np.clip(block, info.min, info.max).astype(dtype)
     raise TypeError(f"unsupported output dtype {dtype}")
+
+
+def fill_nonfinite(block: np.ndarray) -> np.ndarray:
+    """A float ``(z, y, x)`` block with its non-finite pixels set to their slice's mean (0 in an empty slice).
+
+    Those pixels are the NaN border of a registration with ``mode = "constant"``
+    on a float stack.  Returns ``block`` itself when every pixel is finite, else a copy.
+    """
+    bad = ~np.isfinite(block)
+    if not bad.any():
+        return block
+    block = block.copy()
+    for img, m in zip(block, bad):
+        if m.any() and not m.all():
+            img[m] = img[~m].mean()
+    block[bad.all(axis=(1, 2))] = 0
+    return block
 
 
 def slice_stats(block: np.ndarray) -> np.ndarray:

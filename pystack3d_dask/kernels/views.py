@@ -13,17 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pystack3d_dask.kernels.dtype import fill_nonfinite
 from pystack3d_dask.quality import stripe_power
-
-
-def fill_nonfinite(block: np.ndarray) -> np.ndarray:
-    """Non-finite pixels (NaN borders of a registered float stack) set to their slice's mean."""
-    finite = np.isfinite(block)
-    if finite.all():
-        return block
-    count = np.maximum(finite.sum(axis=(1, 2), keepdims=True), 1)
-    mean = np.where(finite, block, 0).sum(axis=(1, 2), keepdims=True) / count
-    return np.where(finite, block, mean)
 
 
 def view_lines(block: np.ndarray) -> np.ndarray:

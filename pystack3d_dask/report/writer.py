@@ -150,16 +150,16 @@ class ReportWriter:
         A failure becomes a note in the step's section and a warning.
         """
         try:
-            try:
-                taken = self._take(step)
-            except Exception as exc:
-                self._sections[step] = self._failure(step, exc)
-                return
+            taken = self._take(step)
+        except Exception as exc:
+            self._sections[step] = self._failure(step, exc)
+            taken = None
+        else:
             self._guard(step, lambda: self._views_of(step, taken))
-        finally:
-            if on_read is not None:
-                on_read()
-        self._guard(step, lambda: self._draw(step, taken))
+        if on_read is not None:
+            on_read()
+        if taken is not None:
+            self._guard(step, lambda: self._draw(step, taken))
 
     def _guard(self, step: str, job: Callable[[], Any]) -> None:
         """Run ``job``; a failure becomes a note in the step's section and a warning."""
